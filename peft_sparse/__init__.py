@@ -1,0 +1,12 @@
+"""peft-sparse: sparse adapters for Hugging Face PEFT. Importing this package registers the tuner."""
+
+from .registration import register
+
+PEFT_TYPE = register()
+
+from .config import SparseAdapterConfig  # noqa: E402
+from .layer import SparseAdapterLayer  # noqa: E402
+from .model import SparseAdapterModel  # noqa: E402
+
+__all__ = ["PEFT_TYPE", "SparseAdapterConfig", "SparseAdapterLayer", "SparseAdapterModel"]
+__version__ = "0.1.0"

@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from peft.config import PeftConfig
 
+from .files import add_install_note
 from .registration import PEFT_TYPE_NAME, _add_peft_type_member
 
 MASK_INITS = ("random", "magnitude", "snip", "gradient", "warmup")
@@ -89,6 +90,11 @@ class SparseAdapterConfig(PeftConfig):
         for name, count in self.entries_pattern.items():
             if int(count) < 0:
                 raise ValueError(f"entries_pattern[{name!r}] must be >= 0, got {count}")
+
+    def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
+        """Save the JSON config and make sure the model card says how to install and import the plugin."""
+        super().save_pretrained(save_directory, **kwargs)
+        add_install_note(save_directory)
 
     @property
     def is_data_driven(self) -> bool:

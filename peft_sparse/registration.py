@@ -42,3 +42,10 @@ def register() -> PeftType:
             name=METHOD_NAME, config_cls=SparseAdapterConfig, model_cls=SparseAdapterModel, prefix=PREFIX
         )
     return peft_type
+
+
+# Private PEFT helpers the tuner relies on; imported here so no other module reaches into PEFT internals.
+from peft.tuners._buffer_dict import BufferDict  # noqa: E402
+from peft.tuners.tuners_utils import _maybe_include_all_linear_layers  # noqa: E402
+
+__all__ = ["BufferDict", "METHOD_NAME", "PEFT_TYPE_NAME", "PREFIX", "_maybe_include_all_linear_layers", "register"]

@@ -1,0 +1,49 @@
+"""Small file helpers: atomic writes and the model-card install note."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+INSTALL_MARKER = "<!-- peft-sparse install note -->"
+INSTALL_NOTE = f"""
+{INSTALL_MARKER}
+## Loading this adapter
+
+This is a **peft-sparse** adapter (`peft_type: SPARSE_ADAPTER`). PEFT needs the plugin to load it; without it
+PEFT fails with `KeyError: 'SPARSE_ADAPTER'`.
+
+```bash
+pip install peft-sparse
+```
+
+```python
+import peft_sparse  # registers the SPARSE_ADAPTER tuner with PEFT
+from peft import PeftModel
+
+model = PeftModel.from_pretrained(base_model, "path/or/hub-id")
+```
+"""
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file in the same directory and ``os.replace``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def add_install_note(directory: str | os.PathLike) -> None:
+    """Append the install note to ``directory/README.md`` (creating it) unless it is already there."""
+    readme = Path(directory) / "README.md"
+    text = readme.read_text(encoding="utf-8") if readme.exists() else "# peft-sparse adapter\n"
+    if INSTALL_MARKER not in text:
+        atomic_write_text(readme, text.rstrip("\n") + "\n" + INSTALL_NOTE)

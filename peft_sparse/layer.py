@@ -1,0 +1,248 @@
+"""``SparseAdapterLayer``: a frozen ``nn.Linear`` / GPT-2 ``Conv1D`` plus sparse deltas per adapter.
+
+Per adapter the layer stores only a 1-D values parameter and a sorted flat index buffer in the base weight's
+own storage layout (``(out, in)`` for Linear, ``(in, out)`` for Conv1D). Block adapters store one index per
+``block_size x block_size`` block and ``block_size**2`` values per block (row-major inside the block; slots
+beyond a ragged edge are inert padding: no effect, zero gradient).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from . import masks
+from .ops import block_sparse_delta, block_sparse_linear, sparse_delta, sparse_linear
+from .registration import BufferDict
+
+SUPPORTED_BASE_LAYERS = (nn.Linear, Conv1D)
+
+
+def storage_shape(base_layer: nn.Module) -> tuple[int, int]:
+    """Shape of the base weight as stored: (out, in) for Linear, (in, out) for Conv1D."""
+    return tuple(base_layer.weight.shape)  # type: ignore[return-value]
+
+
+class SparseAdapterLayer(BaseTunerLayer):
+    """Sparse deltas on a frozen weight; forward is ``base(x) + x @ ΔW`` with ΔW sparse."""
+
+    adapter_layer_names = ("sparse_adapter_values",)
+    other_param_names = ("sparse_adapter_indices", "block_size", "scaling")
+
+    def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
+        self.base_layer = base_layer
+        self.sparse_adapter_values = nn.ParameterDict({})
+        self.sparse_adapter_indices = BufferDict({}, persistent=True)
+        self.block_size: dict[str, int | None] = {}
+        self.scaling: dict[str, float] = {}
+        self._validated: dict[str, tuple[int, int, int]] = {}
+        self._disable_adapters = False
+        self.merged_adapters = []
+        base = self.get_base_layer()
+        if not isinstance(base, SUPPORTED_BASE_LAYERS):
+            raise TypeError(f"sparse adapters support nn.Linear and transformers Conv1D, got {type(base).__name__}")
+        self.transposed = isinstance(base, Conv1D)
+        self.shape = storage_shape(base)
+        self.in_features, self.out_features = (self.shape[0], self.shape[1]) if self.transposed else self.shape[::-1]
+        self.kwargs = kwargs
+
+    # --- adapter state -------------------------------------------------------------------------------------
+    def update_layer(
+        self,
+        adapter_name: str,
+        indices: torch.Tensor,
+        block_size: int | None,
+        init_weights: bool = True,
+        inference_mode: bool = False,
+    ) -> None:
+        """Create (or replace) ``adapter_name`` with the given mask and zero (or random) values."""
+        if adapter_name in ("values", "keys", "items", "update", "pop", "clear"):
+            raise ValueError(f"adapter name {adapter_name!r} clashes with a container method; choose another")
+        self.block_size[adapter_name] = block_size
+        self.scaling[adapter_name] = 1.0
+        width = 1 if block_size is None else block_size**2
+        weight = self.get_base_layer().weight
+        dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
+        values = torch.zeros(indices.numel() * width, dtype=dtype, device=weight.device)
+        if not init_weights:
+            values.normal_(std=0.02)
+        self.sparse_adapter_indices[adapter_name] = indices.to(weight.device)
+        self.sparse_adapter_values[adapter_name] = nn.Parameter(values)
+        if block_size is not None and not init_weights:
+            self._zero_padding(adapter_name)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def set_mask(self, adapter_name: str, indices: torch.Tensor) -> None:
+        """Replace the mask and reset the values to zero, keeping the same Parameter object (optimizer-safe)."""
+        values = self.sparse_adapter_values[adapter_name]
+        width = self.entry_width(adapter_name)
+        self.sparse_adapter_indices[adapter_name] = indices.to(values.device)
+        values.data = torch.zeros(indices.numel() * width, dtype=values.dtype, device=values.device)
+        values.grad = None
+        self._validated.pop(adapter_name, None)
+
+    def entry_width(self, adapter_name: str) -> int:
+        block = self.block_size[adapter_name]
+        return 1 if block is None else block**2
+
+    def num_positions(self, adapter_name: str) -> int:
+        """Selectable positions: weight entries or grid blocks."""
+        return masks.num_slots(self.shape, self.block_size[adapter_name])
+
+    def set_scale(self, adapter: str, scale: float) -> None:
+        if adapter in self.scaling:
+            self.scaling[adapter] = scale
+
+    def check_adapter(self, adapter_name: str) -> None:
+        """Refuse corrupt state (indices out of range, unsorted, duplicated, or a count mismatch)."""
+        indices = self.sparse_adapter_indices[adapter_name]
+        values = self.sparse_adapter_values[adapter_name]
+        key = (id(indices), indices._version, values.numel())
+        if self._validated.get(adapter_name) == key:
+            return
+        where = f"sparse adapter {adapter_name!r} on {type(self.get_base_layer()).__name__}{tuple(self.shape)}"
+        masks.check_indices(indices, self.num_positions(adapter_name), None, where)
+        if values.dim() != 1 or values.numel() != indices.numel() * self.entry_width(adapter_name):
+            raise ValueError(
+                f"{where}: {values.numel()} values do not fit {indices.numel()} indices "
+                f"x {self.entry_width(adapter_name)} values each"
+            )
+        self._validated[adapter_name] = key
+
+    def _zero_padding(self, adapter_name: str) -> None:
+        block = self.block_size[adapter_name]
+        _, valid = masks.block_entry_positions(self.sparse_adapter_indices[adapter_name], block, self.shape)
+        with torch.no_grad():
+            self.sparse_adapter_values[adapter_name][~valid.to(self.sparse_adapter_values[adapter_name].device)] = 0
+
+    def flat_delta(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flat storage positions and scaled values of the adapter's real entries (padding dropped)."""
+        self.check_adapter(adapter_name)
+        indices = self.sparse_adapter_indices[adapter_name]
+        values = self.sparse_adapter_values[adapter_name] * self.scaling[adapter_name]
+        block = self.block_size[adapter_name]
+        if block is None:
+            return indices.long(), values
+        positions, valid = masks.block_entry_positions(indices, block, self.shape)
+        return positions[valid], values[valid.to(values.device)]
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """Dense ΔW in storage layout (for inspection and tests; merging never builds it)."""
+        positions, values = self.flat_delta(adapter_name)
+        weight = self.get_base_layer().weight
+        delta = torch.zeros(weight.numel(), dtype=values.dtype, device=weight.device)
+        delta.index_add_(0, positions.to(weight.device), values.to(weight.device))
+        return delta.view(self.shape)
+
+    # --- merge ---------------------------------------------------------------------------------------------
+    def _add_to_weight(self, adapter_name: str, sign: float, weight: torch.Tensor | None = None) -> torch.Tensor:
+        base = self.get_base_layer().weight
+        target = base.data if weight is None else weight
+        positions, values = self.flat_delta(adapter_name)
+        flat = target.view(-1)
+        flat.index_add_(0, positions.to(flat.device), (sign * values.detach()).to(flat.dtype).to(flat.device))
+        return target
+
+    def merged_weight_is_finite(self, adapter_names: list[str]) -> bool:
+        """Whether merging ``adapter_names`` keeps the weight finite (computed on a copy)."""
+        trial = self.get_base_layer().weight.data.clone()
+        for name in adapter_names:
+            if name in self.sparse_adapter_values:
+                self._add_to_weight(name, 1.0, trial)
+        return bool(torch.isfinite(trial).all())
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Add the deltas of ``adapter_names`` (default: active) into the base weight: an exact index add."""
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        adapter_names = [a for a in adapter_names if a in self.sparse_adapter_values]
+        if not adapter_names:
+            return
+        if safe_merge and not self.merged_weight_is_finite(adapter_names):
+            raise ValueError(f"NaNs detected in the merged weights; the adapters {adapter_names} seem to be broken")
+        for name in adapter_names:
+            self._add_to_weight(name, 1.0)
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+            return
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            if name in self.sparse_adapter_values:
+                self._add_to_weight(name, -1.0)
+
+    # --- forward -------------------------------------------------------------------------------------------
+    def _has_hooks(self) -> bool:
+        base = self.get_base_layer()
+        return bool(base._forward_hooks or base._forward_pre_hooks or base._backward_hooks or base._backward_pre_hooks)
+
+    def sparse_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Base output plus the active adapters' sparse deltas (or the plain base when disabled/merged)."""
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        active = [a for a in self.active_adapters if a in self.sparse_adapter_values]
+        if not active:
+            return self.base_layer(x, *args, **kwargs)
+        for name in active:
+            self.check_adapter(name)
+        base = self.get_base_layer()
+        fused = len(active) == 1 and not args and not kwargs and base is self.base_layer and not self._has_hooks()
+        if fused:
+            return self._adapter_output(active[0], x, base.weight, base.bias)
+        result = self.base_layer(x, *args, **kwargs)
+        for name in active:
+            result = result + self._adapter_output(name, x, None, None).to(result.dtype)
+        return result
+
+    def _adapter_output(
+        self, name: str, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Full output ``x @ (W + ΔW)`` when ``weight`` is given, else only the delta ``x @ ΔW``."""
+        values = self.sparse_adapter_values[name]
+        indices = self.sparse_adapter_indices[name]
+        block = self.block_size[name]
+        scale = self.scaling[name]
+        x = x.to(values.dtype) if weight is None else x
+        if weight is not None:
+            if block is None:
+                return sparse_linear(x, weight, bias, values, indices, scale, self.transposed)
+            return block_sparse_linear(x, weight, bias, values, indices, block, scale, self.transposed)
+        if block is None:
+            return sparse_delta(x, values, indices, self.shape, scale, self.transposed)
+        return block_sparse_delta(x, values, indices, block, self.shape, scale, self.transposed)
+
+
+
+class Linear(nn.Module, SparseAdapterLayer):
+    """Sparse adapter on ``nn.Linear`` or GPT-2 ``Conv1D``."""
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        indices: torch.Tensor,
+        block_size: int | None,
+        init_weights: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__()
+        SparseAdapterLayer.__init__(self, base_layer, **kwargs)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, indices, block_size, init_weights=init_weights)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.sparse_forward(x, *args, **kwargs)
+
+    def __repr__(self) -> str:
+        return "sparse_adapter." + super().__repr__()

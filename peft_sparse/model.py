@@ -1,0 +1,191 @@
+"""``SparseAdapterModel``: the PEFT ``BaseTuner`` that finds targets, plans budgets and injects layers."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from peft.utils.other import get_pattern_key
+from torch import nn
+
+from . import masks
+from .config import SparseAdapterConfig
+from .layer import SUPPORTED_BASE_LAYERS, Linear, SparseAdapterLayer, storage_shape
+from .presets import is_preset, resolve_preset
+from .registration import PREFIX, _maybe_include_all_linear_layers
+
+
+def _lora_entries(config: SparseAdapterConfig, key: str, shape: tuple[int, int]) -> int:
+    pattern = get_pattern_key(list(config.lora_rank_pattern), key) if config.lora_rank_pattern else None
+    rank = config.lora_rank_pattern.get(pattern, config.lora_rank) if pattern else config.lora_rank
+    return int(rank) * (shape[0] + shape[1])
+
+
+def plan_budget(config: SparseAdapterConfig, shapes: dict[str, tuple[int, int]]) -> dict[str, int]:
+    """Stored rows (entries or blocks) for every new target, from the config's budget fields."""
+    block = config.block_size
+    sizes = {key: shape[0] * shape[1] for key, shape in shapes.items()}
+    if config.num_params is not None:
+        entries = masks.split_budget(int(config.num_params), sizes)
+    elif config.lora_rank is not None:
+        entries = {key: _lora_entries(config, key, shape) for key, shape in shapes.items()}
+    else:
+        entries = {key: float(config.keep_ratio) * size for key, size in sizes.items()}
+    rows = {}
+    for key, shape in shapes.items():
+        if entries[key] > sizes[key]:
+            raise ValueError(
+                f"budget of {int(entries[key])} entries for {key!r} exceeds its {sizes[key]} weight entries"
+            )
+        rows[key] = masks.entries_to_rows(entries[key], shape, block)
+    return rows
+
+
+class SparseAdapterModel(BaseTuner):
+    """Sparse adapters on a transformers model; created by ``get_peft_model`` with a ``SparseAdapterConfig``."""
+
+    prefix: str = PREFIX
+    tuner_layer_cls = SparseAdapterLayer
+    target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    # --- target discovery and budget planning (before any module is replaced) -------------------------------
+    def _prepare_adapter_config(self, peft_config: SparseAdapterConfig, model_config: dict) -> SparseAdapterConfig:
+        if is_preset(peft_config.target_modules):
+            peft_config.target_modules = resolve_preset(peft_config.target_modules, model_config.get("model_type"))
+        peft_config = super()._prepare_adapter_config(peft_config, model_config)
+        return _maybe_include_all_linear_layers(peft_config, self.model)
+
+    def _prepare_model(self, peft_config: SparseAdapterConfig, model: nn.Module) -> None:
+        """Check every target and fill in ``entries_pattern`` / ``weight_shapes`` so the config alone reloads."""
+        tuner_prefixes = [name + "." for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+        new_shapes: dict[str, tuple[int, int]] = {}
+        for key, module in model.named_modules():
+            if (
+                not key
+                or any(key.startswith(p) for p in tuner_prefixes)
+                or not check_target_module_exists(peft_config, key)
+            ):
+                continue
+            base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+            if not isinstance(base, SUPPORTED_BASE_LAYERS):
+                raise TypeError(
+                    f"target module {key!r} is a {type(base).__name__}; sparse adapters support nn.Linear and "
+                    "transformers Conv1D. Narrow target_modules or add it to exclude_modules."
+                )
+            shape = storage_shape(base)
+            saved = peft_config.weight_shapes.get(key)
+            if saved is not None and tuple(saved) != shape:
+                raise ValueError(f"adapter was made for {key!r} with weight shape {tuple(saved)}, model has {shape}")
+            if key not in peft_config.entries_pattern:
+                new_shapes[key] = shape
+            else:
+                capacity = masks.num_slots(shape, peft_config.block_size)
+                if int(peft_config.entries_pattern[key]) > capacity:
+                    raise ValueError(
+                        f"entries_pattern[{key!r}] = {peft_config.entries_pattern[key]} exceeds {capacity} positions"
+                    )
+        planned = plan_budget(peft_config, new_shapes) if new_shapes else {}
+        peft_config.entries_pattern.update(planned)
+        for key, shape in new_shapes.items():
+            peft_config.weight_shapes[key] = list(shape)
+
+    def _create_and_replace(
+        self,
+        peft_config: SparseAdapterConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **kwargs: Any,
+    ) -> None:
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        if peft_config.fan_in_fan_out != (not isinstance(base, nn.Linear)):
+            warnings.warn(
+                f"fan_in_fan_out={peft_config.fan_in_fan_out} ignored for {current_key}: the storage layout is "
+                f"taken from the module type ({type(base).__name__})",
+                stacklevel=2,
+            )
+        indices = initial_mask(peft_config, adapter_name, current_key, base.weight)
+        if isinstance(target, SparseAdapterLayer):
+            target.update_layer(adapter_name, indices, peft_config.block_size, init_weights=peft_config.init_weights)
+            return
+        new_module = Linear(target, adapter_name, indices, peft_config.block_size, peft_config.init_weights)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    # --- merging with all-or-nothing safety ----------------------------------------------------------------
+    def _sparse_layers(self) -> list[SparseAdapterLayer]:
+        return [m for m in self.model.modules() if isinstance(m, SparseAdapterLayer)]
+
+    def _check_finite_merge(self, adapter_names: list[str] | None) -> None:
+        for layer in self._sparse_layers():
+            names = adapter_names if adapter_names is not None else layer.active_adapters
+            names = [n for n in names if n in layer.sparse_adapter_values and n not in layer.merged_adapters]
+            if names and not layer.merged_weight_is_finite(names):
+                raise ValueError(f"NaNs detected in the merged weights; the adapters {names} seem to be broken")
+
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Merge into the base weights; with ``safe_merge`` every layer is checked before any is touched."""
+        if safe_merge:
+            self._check_finite_merge(adapter_names)
+        super().merge_adapter(adapter_names=adapter_names, safe_merge=False)
+
+    def _unload_and_optionally_merge(
+        self,
+        merge: bool = True,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: list[str] | None = None,
+    ) -> nn.Module:
+        if merge and safe_merge:
+            self._check_finite_merge(adapter_names)
+        return super()._unload_and_optionally_merge(
+            merge=merge, progressbar=progressbar, safe_merge=False, adapter_names=adapter_names
+        )
+
+    # --- load-time validation --------------------------------------------------------------------------------
+    @classmethod
+    def _remap_adapter_state_dict_for_load(
+        cls, model: nn.Module, config: SparseAdapterConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        validate_checkpoint(model, adapter_name, remapped)
+        return remapped
+
+
+def initial_mask(config: SparseAdapterConfig, adapter_name: str, key: str, weight: torch.Tensor) -> torch.Tensor:
+    """Mask chosen at injection: random or magnitude; data-driven inits start from magnitude until calibrated."""
+    shape = tuple(weight.shape)
+    rows = int(config.entries_pattern[key])
+    if config.mask_init == "random":
+        seed = masks.layer_seed(config.seed, adapter_name, key)
+        return masks.random_indices(masks.num_slots(shape, config.block_size), rows, seed)
+    if weight.device.type == "meta":
+        return torch.arange(rows, dtype=masks.index_dtype(masks.num_slots(shape, config.block_size)))
+    return masks.select(masks.score(weight, None, "magnitude"), rows, config.block_size)
+
+
+def validate_checkpoint(model: nn.Module, adapter_name: str, state_dict: dict[str, torch.Tensor]) -> None:
+    """Refuse checkpoint indices that are out of range, unsorted, duplicated or of the wrong count."""
+    for name, module in model.named_modules():
+        if not isinstance(module, SparseAdapterLayer) or adapter_name not in module.sparse_adapter_values:
+            continue
+        prefix = f"{name}." if name else ""
+        index_key = f"{prefix}sparse_adapter_indices.{adapter_name}"
+        value_key = f"{prefix}sparse_adapter_values.{adapter_name}"
+        if value_key not in state_dict and index_key not in state_dict:
+            continue
+        if (value_key in state_dict) != (index_key in state_dict):
+            raise ValueError(f"checkpoint for {name!r} has values or indices but not both")
+        expected = module.sparse_adapter_indices[adapter_name].numel()
+        masks.check_indices(state_dict[index_key], module.num_positions(adapter_name), expected, name)
+        width = module.entry_width(adapter_name)
+        if state_dict[value_key].numel() != expected * width:
+            raise ValueError(
+                f"{name}: checkpoint has {state_dict[value_key].numel()} values, expected {expected * width}"
+            )
