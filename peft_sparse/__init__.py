@@ -4,9 +4,17 @@ from .registration import register
 
 PEFT_TYPE = register()
 
+from .calibration import SparseMaskCalibrationCallback, calibrate_masks  # noqa: E402
 from .config import SparseAdapterConfig  # noqa: E402
 from .layer import SparseAdapterLayer  # noqa: E402
 from .model import SparseAdapterModel  # noqa: E402
 
-__all__ = ["PEFT_TYPE", "SparseAdapterConfig", "SparseAdapterLayer", "SparseAdapterModel"]
+__all__ = [
+    "PEFT_TYPE",
+    "SparseMaskCalibrationCallback",
+    "calibrate_masks",
+    "SparseAdapterConfig",
+    "SparseAdapterLayer",
+    "SparseAdapterModel",
+]
 __version__ = "0.1.0"

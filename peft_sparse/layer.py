@@ -223,7 +223,6 @@ class SparseAdapterLayer(BaseTunerLayer):
         return block_sparse_delta(x, values, indices, block, self.shape, scale, self.transposed)
 
 
-
 class Linear(nn.Module, SparseAdapterLayer):
     """Sparse adapter on ``nn.Linear`` or GPT-2 ``Conv1D``."""
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import math
 import warnings
 from typing import Any
 
@@ -147,6 +149,91 @@ class SparseAdapterModel(BaseTuner):
         return super()._unload_and_optionally_merge(
             merge=merge, progressbar=progressbar, safe_merge=False, adapter_names=adapter_names
         )
+
+    # --- combining experts -------------------------------------------------------------------------------
+    def add_weighted_adapter(
+        self,
+        adapters: list[str],
+        weights: list[float],
+        adapter_name: str,
+        combination_type: str = "sparse_average",
+        density: float | None = None,
+        majority_sign_method: str = "total",
+        drop_zeros: bool = False,
+        seed: int = 0,
+    ) -> None:
+        """Merge sparse adapters into a new adapter ``adapter_name`` whose mask is the union of theirs.
+
+        ``combination_type``: ``linear`` / ``task_arithmetic`` (Σ wᵢΔᵢ), ``sparse_average`` (per entry, the
+        weighted mean over the experts that contain it), ``ties``, ``dare_linear``, ``dare_ties``,
+        ``magnitude_prune`` (PEFT's merge_utils on the experts' values aligned on the union; ``density`` is
+        relative to the union). Nothing changes if any check fails.
+        """
+        from .merging import merge_layer
+
+        self._check_weighted_merge(adapters, weights, adapter_name)
+        configs = [self.peft_config[a] for a in adapters]
+        generator = torch.Generator().manual_seed(seed)
+        planned: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for key, layer in self.model.named_modules():
+            if not isinstance(layer, SparseAdapterLayer):
+                continue
+            present = [a for a in adapters if a in layer.sparse_adapter_values]
+            if not present:
+                continue
+            if len(present) != len(adapters):
+                raise ValueError(f"adapters {sorted(set(adapters) - set(present))} do not target {key!r}")
+            width = layer.entry_width(adapters[0])
+            values = [
+                (layer.sparse_adapter_values[a].detach() * layer.scaling[a]).float().view(-1, width) for a in adapters
+            ]
+            indices = [layer.sparse_adapter_indices[a] for a in adapters]
+            union, merged = merge_layer(
+                indices, values, weights, combination_type, density, majority_sign_method, drop_zeros, generator
+            )
+            planned[key] = (union.to(masks.index_dtype(layer.num_positions(adapters[0]))), merged.reshape(-1))
+        new_config = copy.deepcopy(configs[0])
+        new_config.entries_pattern = {key: int(union.numel()) for key, (union, _) in planned.items()}
+        new_config.inference_mode = True
+        self.peft_config[adapter_name] = new_config
+        try:
+            self.inject_adapter(self.model, adapter_name)
+        except Exception:
+            del self.peft_config[adapter_name]
+            raise
+        for key, layer in self.model.named_modules():
+            if key in planned:
+                union, merged = planned[key]
+                layer.set_mask(adapter_name, union)
+                values = layer.sparse_adapter_values[adapter_name]
+                values.data = merged.to(device=values.device, dtype=values.dtype)
+        self._mark_only_adapters_as_trainable(self.model)
+
+    def _check_weighted_merge(self, adapters: list[str], weights: list[float], adapter_name: str) -> None:
+        if adapter_name in self.peft_config:
+            raise ValueError(f"adapter {adapter_name!r} already exists")
+        if not adapters:
+            raise ValueError("adapters must not be empty")
+        unknown = [a for a in adapters if a not in self.peft_config]
+        if unknown:
+            raise ValueError(f"unknown adapters {unknown}; available: {sorted(self.peft_config)}")
+        if len(weights) != len(adapters):
+            raise ValueError(f"got {len(weights)} weights for {len(adapters)} adapters")
+        if not all(math.isfinite(float(w)) for w in weights):
+            raise ValueError(f"weights must be finite, got {weights}")
+        configs = [self.peft_config[a] for a in adapters]
+        if not all(isinstance(c, SparseAdapterConfig) for c in configs):
+            raise ValueError("add_weighted_adapter combines sparse adapters only")
+        if len({c.block_size for c in configs}) != 1:
+            raise ValueError(f"cannot merge adapters with different block_size {[c.block_size for c in configs]}")
+        if any(c.modules_to_save for c in configs):
+            raise ValueError("adapters with modules_to_save cannot be merged (their dense modules are not sparse)")
+        targets = [set(c.entries_pattern) for c in configs]
+        if any(t != targets[0] for t in targets[1:]):
+            raise ValueError("adapters target different modules and cannot be merged")
+        shapes = [c.weight_shapes for c in configs]
+        if any(s != shapes[0] for s in shapes[1:]):
+            raise ValueError("adapters were made for different weight shapes")
 
     # --- load-time validation --------------------------------------------------------------------------------
     @classmethod

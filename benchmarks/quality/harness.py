@@ -1,0 +1,200 @@
+"""Train (or load cached) task experts, merge them per method, and evaluate everything.
+
+Experts are cached under ``cache_dir/<model>/<method>/<task>/lr<lr>-s<steps>-seed<seed>/`` together with their
+scores, so an interrupted run resumes where it stopped and finished experts are never retrained.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from peft_sparse import calibrate_masks
+from peft_sparse.files import atomic_write_text
+
+from .methods import MERGES, Method, build_trainable, load_expert, merge_experts, parse_method, trainable_count
+from .scorer import accuracy, batch_loss
+
+
+@dataclass
+class RunSettings:
+    """Everything that determines the results (recorded in the output)."""
+
+    methods: list[str]
+    held_in: list[str]
+    held_out: list[str]
+    steps: int = 100
+    batch_size: int = 16
+    rank: int = 8
+    seed: int = 0
+    lr_grid: dict[str, list[float]] = field(default_factory=dict)
+    lr_search_tasks: int = 2
+    calibration_batches: int = 8
+    max_eval: int | None = None
+    merge_sizes: list[int] = field(default_factory=lambda: [2, 4, 8])
+
+
+DEFAULT_LR_GRID = {
+    "full": [1e-5, 3e-5, 1e-4],
+    "lora": [3e-4, 1e-3, 3e-3],
+    "shira": [1e-3, 3e-3, 1e-2],
+    "sparse": [1e-3, 3e-3, 1e-2],
+}
+
+
+def lr_grid_for(settings: RunSettings, method: Method) -> list[float]:
+    return settings.lr_grid.get(method.name) or settings.lr_grid.get(method.kind) or DEFAULT_LR_GRID[method.kind]
+
+
+def _batches(examples, batch_size: int, steps: int, seed: int):
+    """``steps`` batches drawn by reshuffling the training set with a fixed seed."""
+    rng = random.Random(seed)
+    order: list[int] = []
+    for _ in range(steps):
+        if len(order) < batch_size:
+            extra = list(range(len(examples)))
+            rng.shuffle(extra)
+            order += extra
+        chunk, order = order[:batch_size], order[batch_size:]
+        yield [examples[i] for i in chunk]
+
+
+def train_expert(base, tokenizer, method: Method, task, lr: float, settings: RunSettings) -> nn.Module:
+    """Train one expert for ``settings.steps`` AdamW steps at ``lr``."""
+    torch.manual_seed(settings.seed)
+    model = build_trainable(base, method, settings.rank, settings.seed)
+    batches = list(_batches(task.train, settings.batch_size, settings.steps, settings.seed))
+    if method.kind == "sparse" and method.mask_init in ("snip", "gradient", "warmup"):
+        calibrate_masks(
+            model,
+            batches[: settings.calibration_batches],
+            loss_fn=lambda m, b: batch_loss(m, tokenizer, b),
+            progress=False,
+        )
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    model.train()
+    for batch in tqdm(batches, desc=f"{method.name} on {task.name} lr={lr:g}", leave=False):
+        loss = batch_loss(model, tokenizer, batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    model.eval()
+    return model
+
+
+class ExpertCache:
+    """Trained experts on disk, keyed by model, method, task, lr, steps and seed."""
+
+    def __init__(self, cache_dir: str | os.PathLike, model_id: str) -> None:
+        self.root = Path(cache_dir) / hashlib.sha1(model_id.encode()).hexdigest()[:10]
+
+    def path(self, method: Method, task: str, lr: float, settings: RunSettings) -> Path:
+        key = f"lr{lr:g}-s{settings.steps}-b{settings.batch_size}-r{settings.rank}-seed{settings.seed}"
+        return self.root / method.name / task / key
+
+    def get_or_train(self, base, tokenizer, method: Method, task, lr: float, settings: RunSettings) -> Path:
+        path = self.path(method, task.name, lr, settings)
+        if (path / "done.json").exists():
+            return path
+        model = train_expert(base, tokenizer, method, task, lr, settings)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".tmp-"))
+        try:
+            from .methods import save_expert
+
+            save_expert(model, base, method, str(tmp))
+            info = {"trainable_params": trainable_count(model), "lr": lr, "task": task.name, "method": method.name}
+            atomic_write_text(tmp / "done.json", json.dumps(info))
+            if path.exists():
+                shutil.rmtree(path)
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+        return path
+
+
+def _eval_split(task, split: str, max_eval: int | None):
+    examples = getattr(task, split)
+    return examples[:max_eval] if max_eval else examples
+
+
+class Harness:
+    """Runs the whole experiment and returns a JSON-ready dict."""
+
+    def __init__(self, base, tokenizer, tasks: dict, settings: RunSettings, cache: ExpertCache) -> None:
+        self.base, self.tokenizer, self.tasks, self.settings, self.cache = base, tokenizer, tasks, settings, cache
+        self.base.eval()
+        self.base.requires_grad_(False)
+        self._scores: dict[tuple[str, str, str], float] = {}
+
+    def score(self, model: nn.Module, key: tuple[str, str], task, split: str = "test") -> float:
+        cache_key = (*key, task.name + ":" + split)
+        if cache_key not in self._scores:
+            self._scores[cache_key] = accuracy(model, self.tokenizer, _eval_split(task, split, self.settings.max_eval))
+        return self._scores[cache_key]
+
+    def expert_score(self, method: Method, task, lr: float, split: str) -> float:
+        """Score of a cached expert on its own task (stored next to the expert)."""
+        path = self.cache.get_or_train(self.base, self.tokenizer, method, task, lr, self.settings)
+        score_file = path / f"score-{split}-{self.settings.max_eval}.json"
+        if score_file.exists():
+            return json.loads(score_file.read_text())["accuracy"]
+        model = load_expert(self.base, method, str(path))
+        value = accuracy(model, self.tokenizer, _eval_split(task, split, self.settings.max_eval))
+        atomic_write_text(score_file, json.dumps({"accuracy": value}))
+        return value
+
+    def search_lr(self, method: Method) -> dict:
+        """Pick the learning rate with the best mean validation accuracy on the first held-in tasks."""
+        grid = lr_grid_for(self.settings, method)
+        search_tasks = [self.tasks[t] for t in self.settings.held_in[: self.settings.lr_search_tasks]]
+        table = {}
+        for lr in grid:
+            table[lr] = sum(self.expert_score(method, t, lr, "validation") for t in search_tasks) / len(search_tasks)
+        best = max(grid, key=lambda lr: (table[lr], -lr))
+        grid_scores = {f"{lr:g}": v for lr, v in table.items()}
+        return {"grid": grid_scores, "best_lr": best, "tasks": [t.name for t in search_tasks]}
+
+    def run(self) -> dict:
+        s = self.settings
+        all_tasks = s.held_in + s.held_out
+        results: dict = {"individual": {}, "merged": {}, "merge_curve": {}, "lr_search": {}, "trainable_params": {}}
+        base_scores = {t: self.score(self.base, ("base", ""), self.tasks[t]) for t in all_tasks}
+        results["individual"]["base"] = base_scores
+        methods = [parse_method(m) for m in s.methods if m != "base"]
+        for method in tqdm(methods, desc="methods"):
+            search = self.search_lr(method)
+            results["lr_search"][method.name] = search
+            lr = search["best_lr"]
+            scores = {t: self.expert_score(method, self.tasks[t], lr, "test") for t in s.held_in}
+            results["individual"][method.name] = scores
+            first = self.cache.path(method, s.held_in[0], lr, s)
+            results["trainable_params"][method.name] = json.loads((first / "done.json").read_text())["trainable_params"]
+            dirs = [str(self.cache.path(method, t, lr, s)) for t in s.held_in]
+            for combination in MERGES.get(method.kind, ()):
+                label = f"{method.name}:{combination}"
+                merged = merge_experts(self.base, method, dirs, combination)
+                results["merged"][label] = {t: self.score(merged, (label, "all"), self.tasks[t]) for t in all_tasks}
+                del merged
+            combination = MERGES.get(method.kind, (None,))[0]
+            if combination is not None:
+                curve = {}
+                for n in sorted({k for k in s.merge_sizes if k < len(s.held_in)} | {len(s.held_in)}):
+                    label = f"{method.name}:{combination}:n{n}"
+                    merged = merge_experts(self.base, method, dirs[:n], combination)
+                    curve[n] = sum(self.score(merged, (label, ""), self.tasks[t]) for t in s.held_in[:n]) / n
+                    del merged
+                results["merge_curve"][f"{method.name}:{combination}"] = curve
+        return results

@@ -1,0 +1,223 @@
+"""Turn harness results into JSON, a Markdown report and PNG plots (all written atomically)."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from statistics import mean
+
+from peft_sparse.files import atomic_write_text
+
+
+def _mean(scores: dict[str, float], tasks: list[str]) -> float | None:
+    values = [scores[t] for t in tasks if t in scores]
+    return mean(values) if values else None
+
+
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f}"
+
+
+def claims(results: dict, held_in: list[str]) -> list[dict]:
+    """The issue's bar, evaluated on these results (None where a method was not run)."""
+    ind = {m: _mean(s, held_in) for m, s in results["individual"].items()}
+    sparse = {m: v for m, v in ind.items() if m.startswith("sparse") and v is not None}
+    best_sparse = max(sparse, key=sparse.get) if sparse else None
+    merged = {m: _mean(s, held_in) for m, s in results["merged"].items()}
+    merged_sparse = {m: v for m, v in merged.items() if m.startswith("sparse")}
+    merged_lora = {m: v for m, v in merged.items() if m.startswith("lora")}
+    rows = []
+
+    def add(claim: str, lhs: float | None, rhs: float | None, margin: float, detail: str) -> None:
+        held = None if lhs is None or rhs is None else lhs >= rhs + margin
+        rows.append({"claim": claim, "lhs": lhs, "rhs": rhs, "held": held, "detail": detail})
+
+    add("sparse (best init) ≥ LoRA + 1 pt", sparse.get(best_sparse), ind.get("lora"), 0.01, f"best init: {best_sparse}")
+    add("sparse (best init) ≥ SHiRA", sparse.get(best_sparse), ind.get("shira"), 0.0, f"best init: {best_sparse}")
+    best_ms = max(merged_sparse, key=merged_sparse.get) if merged_sparse else None
+    best_ml = max(merged_lora, key=merged_lora.get) if merged_lora else None
+    add(
+        "merged sparse ≥ best merged LoRA + 3 pts",
+        merged_sparse.get(best_ms),
+        merged_lora.get(best_ml),
+        0.03,
+        f"{best_ms} vs {best_ml}",
+    )
+    if best_ms:
+        own = ind.get(best_ms.split(":")[0])
+        add(
+            "merged sparse ≥ 90 % of its experts",
+            merged_sparse[best_ms],
+            None if own is None else 0.9 * own,
+            0.0,
+            f"{best_ms}; experts' mean {_pct(own)}",
+        )
+    return rows
+
+
+def markdown(results: dict, header: dict) -> str:
+    held_in, held_out = header["held_in"], header["held_out"]
+    lines = [
+        "# Quality benchmark: WordNet choose-the-candidate tasks",
+        "",
+        f"Command: `{header['command']}`  ",
+        f"Model: `{header['model']}` · seed {header['seed']} · {header['steps']} steps · batch {header['batch_size']}"
+        f" · LoRA-matched rank {header['rank']} · test items per task ≤ {header['max_eval'] or 'all'}"
+        f" · {header['date']}",
+        "",
+        "Scores are test accuracy in %. Chance is 1/K (K candidates per item).",
+        "",
+        "## Single-task experts (held-in tasks)",
+        "",
+        "| method | trainable params | lr | " + " | ".join(held_in) + " | mean |",
+        "|---|---:|---:|" + "---:|" * (len(held_in) + 1),
+    ]
+    for method, scores in results["individual"].items():
+        lr = results["lr_search"].get(method, {}).get("best_lr")
+        params = results["trainable_params"].get(method, 0)
+        cells = " | ".join(_pct(scores.get(t)) for t in held_in)
+        lines.append(
+            f"| {method} | {params:,} | {'' if lr is None else f'{lr:g}'} | {cells} | "
+            f"**{_pct(_mean(scores, held_in))}** |"
+        )
+    lines += [
+        "",
+        "## Merged experts (one model for all held-in tasks)",
+        "",
+        "| merge | held-in mean | held-out mean | % of its experts' mean |",
+        "|---|---:|---:|---:|",
+    ]
+    base = results["individual"]["base"]
+    lines.append(f"| base (zero-shot) | {_pct(_mean(base, held_in))} | {_pct(_mean(base, held_out))} | |")
+    for label, scores in results["merged"].items():
+        own = _mean(results["individual"].get(label.split(":")[0], {}), held_in)
+        merged_in = _mean(scores, held_in)
+        ratio = "" if not own or merged_in is None else f"{100 * merged_in / own:.1f}"
+        lines.append(f"| {label} | {_pct(merged_in)} | {_pct(_mean(scores, held_out))} | {ratio} |")
+    if held_out:
+        lines += [
+            "",
+            "## Held-out tasks (never trained on)",
+            "",
+            "| model | " + " | ".join(held_out) + " |",
+            "|---|" + "---:|" * len(held_out),
+        ]
+        for label, scores in [("base", base), *results["merged"].items()]:
+            lines.append(f"| {label} | " + " | ".join(_pct(scores.get(t)) for t in held_out) + " |")
+    if results["merge_curve"]:
+        sizes = sorted({int(n) for c in results["merge_curve"].values() for n in c})
+        lines += [
+            "",
+            "## Merged held-in score vs number of merged experts",
+            "",
+            "| merge | " + " | ".join(str(n) for n in sizes) + " |",
+            "|---|" + "---:|" * len(sizes),
+        ]
+        for label, curve in results["merge_curve"].items():
+            curve = {int(k): v for k, v in curve.items()}
+            lines.append(f"| {label} | " + " | ".join(_pct(curve.get(n)) for n in sizes) + " |")
+    lines += [
+        "",
+        "## The bar (from this run)",
+        "",
+        "| claim | measured | reference | held? | detail |",
+        "|---|---:|---:|---|---|",
+    ]
+    for row in claims(results, held_in):
+        held = "n/a" if row["held"] is None else ("yes" if row["held"] else "**NO**")
+        lines.append(f"| {row['claim']} | {_pct(row['lhs'])} | {_pct(row['rhs'])} | {held} | {row['detail']} |")
+    lines += ["", "## Learning-rate search (validation accuracy, first held-in tasks)", ""]
+    for method, search in results["lr_search"].items():
+        grid = ", ".join(f"{lr}: {_pct(v)}" for lr, v in search["grid"].items())
+        lines.append(f"- {method}: {grid} → **{search['best_lr']:g}** (tasks: {', '.join(search['tasks'])})")
+    return "\n".join(lines) + "\n"
+
+
+def _save_figure(fig, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def plots(results: dict, header: dict, out: Path, prefix: str) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    held_in, held_out = header["held_in"], header["held_out"]
+    written = []
+    methods = list(results["individual"])
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(held_in) + 2), 4))
+    width = 0.8 / max(len(methods), 1)
+    for i, method in enumerate(methods):
+        scores = results["individual"][method]
+        ax.bar(
+            [j + i * width for j in range(len(held_in))], [100 * scores.get(t, 0) for t in held_in], width, label=method
+        )
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(held_in))], held_in, rotation=30, ha="right")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("Single-task experts")
+    ax.legend(fontsize=7, ncol=2)
+    written.append(out / f"{prefix}per_task.png")
+    _save_figure(fig, written[-1])
+    plt.close(fig)
+
+    labels = list(results["merged"])
+    if labels:
+        fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(labels) + 2), 4))
+        own = [100 * (_mean(results["individual"].get(lab.split(":")[0], {}), held_in) or 0) for lab in labels]
+        ax.bar([i - 0.3 for i in range(len(labels))], own, 0.3, label="experts (each on its task)")
+        ax.bar(
+            range(len(labels)),
+            [100 * (_mean(results["merged"][lab], held_in) or 0) for lab in labels],
+            0.3,
+            label="merged, held-in",
+        )
+        if held_out:
+            ax.bar(
+                [i + 0.3 for i in range(len(labels))],
+                [100 * (_mean(results["merged"][lab], held_out) or 0) for lab in labels],
+                0.3,
+                label="merged, held-out",
+            )
+        ax.axhline(100 * (_mean(results["individual"]["base"], held_in) or 0), color="gray", ls="--", label="base")
+        ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
+        ax.set_ylabel("mean accuracy (%)")
+        ax.set_title("Merged vs individual experts")
+        ax.legend(fontsize=7)
+        written.append(out / f"{prefix}merged_vs_individual.png")
+        _save_figure(fig, written[-1])
+        plt.close(fig)
+    if results["merge_curve"]:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for label, curve in results["merge_curve"].items():
+            xs = sorted(int(k) for k in curve)
+            ax.plot(xs, [100 * {int(k): v for k, v in curve.items()}[x] for x in xs], marker="o", label=label)
+        ax.set_xlabel("number of merged experts")
+        ax.set_ylabel("merged held-in accuracy (%)")
+        ax.set_title("Merge-size curve")
+        ax.legend(fontsize=7)
+        written.append(out / f"{prefix}merge_curve.png")
+        _save_figure(fig, written[-1])
+        plt.close(fig)
+    return written
+
+
+def write_report(results: dict, header: dict, out_dir: str | os.PathLike, prefix: str = "quality") -> dict[str, Path]:
+    """Write ``<prefix>.json``, ``<prefix>.md`` and PNG plots into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {"header": header, "results": results, "claims": claims(results, header["held_in"])}
+    atomic_write_text(out / f"{prefix}.json", json.dumps(payload, indent=2, default=str))
+    md = markdown(results, header)
+    atomic_write_text(out / f"{prefix}.md", md)
+    pngs = plots(results, header, out, f"{prefix}_")
+    return {"json": out / f"{prefix}.json", "markdown": out / f"{prefix}.md", **{p.stem: p for p in pngs}}

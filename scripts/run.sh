@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Set up from nothing (idempotent) and run the main job.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+.venv/bin/python examples/quickstart.py "$@"
