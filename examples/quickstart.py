@@ -36,7 +36,7 @@ def task_batches(shift: int, n: int = 8) -> list[dict[str, torch.Tensor]]:
     return batches
 
 
-def train(model, batches, steps: int = 30, lr: float = 1e-2) -> float:
+def train(model, batches, steps: int = 60, lr: float = 3e-2) -> float:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     model.train()
     for step in range(steps):
@@ -44,7 +44,7 @@ def train(model, batches, steps: int = 30, lr: float = 1e-2) -> float:
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-    return float(loss)
+    return loss.item()
 
 
 def main() -> None:
@@ -57,8 +57,8 @@ def main() -> None:
     for name, batches in data.items():
         model.set_adapter(name)
         calibrate_masks(model, batches, num_batches=4, adapter_name=name, progress=False)
-        before = float(model(**batches[0]).loss)
-        print(f"{name}: loss {before:.3f} -> {train(model, batches):.3f} after 30 steps")
+        before = model(**batches[0]).loss.item()
+        print(f"{name}: loss {before:.3f} -> {train(model, batches):.3f} after 60 steps")
     model.add_weighted_adapter(["shift3", "shift5"], [1.0, 1.0], "merged", combination_type="sparse_average")
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)

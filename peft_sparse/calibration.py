@@ -111,6 +111,13 @@ def _take_batches(batches: Iterable[Any], num_batches: int | None) -> list[Any]:
     return taken
 
 
+def _all_reduce_sum(tensors: Iterable[torch.Tensor]) -> None:
+    """Sum ``tensors`` over ranks in place under ``torch.distributed`` (no-op otherwise)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for tensor in tensors:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+
+
 def _accumulate_gradients(model, layers, batches, loss_fn, device, progress) -> dict[str, torch.Tensor]:
     buffers = {name: torch.zeros(layer.shape, dtype=torch.float32, device=device) for name, layer in layers.items()}
     handles = []
@@ -118,8 +125,12 @@ def _accumulate_gradients(model, layers, batches, loss_fn, device, progress) -> 
 
         def forward_hook(module, args, output, name=name):
             x = args[0].detach()
+
+            def grad_hook(g: torch.Tensor) -> None:  # returns None: the output gradient is left as it is
+                buffers[name].add_(_weight_grad(module, x, g))
+
             if output.requires_grad:
-                output.register_hook(lambda g: buffers[name].add_(_weight_grad(module, x, g)))
+                output.register_hook(grad_hook)
 
         handles.append(layer.register_forward_hook(forward_hook))
     try:
@@ -181,12 +192,15 @@ def calibrate_masks(
 
     ``batches`` are dicts passed as ``model(**batch)`` (loss from ``labels``) or anything ``loss_fn(model, batch)``
     understands. The score kind defaults to the config's ``mask_init`` (``snip``, ``gradient`` or ``warmup``).
-    Under ``torch.distributed`` the scores are summed over ranks, so every rank ends with the same mask.
+    Under ``torch.distributed`` the gradients (warm-up: the scores) are summed over ranks, so every rank ends
+    with the same mask, the one a single process would pick from all ranks' batches.
     Returns the number of stored rows per module.
     """
     root = tuner_root(model)
     adapter_name = _resolve_adapter(root, adapter_name)
-    config = root.peft_config[adapter_name]
+    config = getattr(root, "peft_config", {}).get(adapter_name)
+    if config is None:
+        raise ValueError(f"no adapter named {adapter_name!r}; available: {sorted(getattr(root, 'peft_config', {}))}")
     kind = score_kind or config.mask_init
     if kind not in ("snip", "gradient", "warmup", "magnitude"):
         raise ValueError(f"score_kind must be snip, gradient, warmup or magnitude, got {kind!r}")
@@ -200,16 +214,15 @@ def calibrate_masks(
             scores = _warmup_scores(
                 model, layers, taken, loss_fn, device, config.warmup_steps, config.warmup_lr, progress
             )
+            _all_reduce_sum(scores.values())
         elif kind == "magnitude":
             scores = {n: masks.score(layer.get_base_layer().weight, None, kind) for n, layer in layers.items()}
         else:
             grads = _accumulate_gradients(model, layers, taken, loss_fn, device, progress)
+            _all_reduce_sum(grads.values())  # the gradient over all ranks' batches, as on one process
             scores = {}
             for name, layer in layers.items():
                 scores[name] = masks.score(layer.get_base_layer().weight, grads.pop(name), kind)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        for tensor in scores.values():
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     block = config.block_size
     if config.budget_scope == "global":
         total = sum(layer.sparse_adapter_indices[adapter_name].numel() for layer in layers.values())

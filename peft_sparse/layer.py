@@ -65,6 +65,7 @@ class SparseAdapterLayer(BaseTunerLayer):
             raise ValueError(f"adapter name {adapter_name!r} clashes with a container method; choose another")
         self.block_size[adapter_name] = block_size
         self.scaling[adapter_name] = 1.0
+        self._validated.pop(adapter_name, None)
         width = 1 if block_size is None else block_size**2
         weight = self.get_base_layer().weight
         dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
@@ -146,7 +147,11 @@ class SparseAdapterLayer(BaseTunerLayer):
         target = base.data if weight is None else weight
         positions, values = self.flat_delta(adapter_name)
         flat = target.view(-1)
-        flat.index_add_(0, positions.to(flat.device), (sign * values.detach()).to(flat.dtype).to(flat.device))
+        positions = positions.to(flat.device)
+        # positions are distinct: add in (at least) fp32 and round once, so bf16/fp16 merges match W + ΔW
+        compute = torch.promote_types(flat.dtype, torch.float32)
+        updated = flat[positions].to(compute) + sign * values.detach().to(device=flat.device, dtype=compute)
+        flat[positions] = updated.to(flat.dtype)
         return target
 
     def merged_weight_is_finite(self, adapter_names: list[str]) -> bool:

@@ -31,8 +31,14 @@ def plan_budget(config: SparseAdapterConfig, shapes: dict[str, tuple[int, int]])
     block = config.block_size
     sizes = {key: shape[0] * shape[1] for key, shape in shapes.items()}
     if config.num_params is not None:
-        entries = masks.split_budget(int(config.num_params), sizes)
-    elif config.lora_rank is not None:
+        # split in selectable units (entries or blocks) so the stored total is exactly the budget
+        units = int(config.num_params) if block is None else max(1, round(int(config.num_params) / block**2))
+        if int(config.num_params) > sum(sizes.values()):
+            raise ValueError(
+                f"budget of {config.num_params} entries exceeds the {sum(sizes.values())} entries of the targets"
+            )
+        return masks.split_budget(units, {key: masks.num_slots(shape, block) for key, shape in shapes.items()})
+    if config.lora_rank is not None:
         entries = {key: _lora_entries(config, key, shape) for key, shape in shapes.items()}
     else:
         entries = {key: float(config.keep_ratio) * size for key, size in sizes.items()}

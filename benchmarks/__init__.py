@@ -1,0 +1,1 @@
+"""Benchmarks for peft-sparse (not part of the installed package)."""

@@ -1,0 +1,1 @@
+"""Quality benchmark: WordNet "choose the right candidate" tasks for a shared sentence encoder."""

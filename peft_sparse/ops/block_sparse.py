@@ -1,0 +1,268 @@
+"""Autograd ops for block-sparse adapters: ΔS is a set of ``b x b`` blocks on a ``ceil(R/b) x ceil(C/b)``
+grid. ``values`` holds ``b * b`` numbers per block (row-major inside the block), in ``block_indices`` order.
+Slots outside ``S`` at ragged edges are padding: they never affect the output and always get a zero gradient.
+Gradients of whole blocks are batched ``b x b`` products over gathered token slices; no dense ``g^T x``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .sparse_linear import _grad_x_dense, _rows_cols_operands
+
+# Upper bound on the elements of one gathered operand slice (bounds the transient memory of the bmm paths).
+_GATHER_BUDGET = 1 << 22
+
+
+def _grid(shape: tuple[int, int], block_size: int) -> tuple[int, int]:
+    return math.ceil(shape[0] / block_size), math.ceil(shape[1] / block_size)
+
+
+def _block_coords(
+    block_indices: torch.Tensor, block_size: int, shape: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-row and block-column of every block (int64, transient)."""
+    grid_cols = _grid(shape, block_size)[1]
+    blocks = block_indices.long()
+    return torch.div(blocks, grid_cols, rounding_mode="floor"), blocks % grid_cols
+
+
+def block_entry_indices(
+    block_indices: torch.Tensor, block_size: int, shape: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat position in ``S`` of every value slot (``-1`` for padding) and the mask of real slots.
+
+    Both results have ``len(block_indices) * block_size**2`` entries, in the layout of ``values``.
+    """
+    rows_n, cols_n = int(shape[0]), int(shape[1])
+    block_rows, block_cols = _block_coords(block_indices, block_size, (rows_n, cols_n))
+    offsets = torch.arange(block_size, device=block_indices.device)
+    rows = (block_rows * block_size)[:, None, None] + offsets[None, :, None]
+    cols = (block_cols * block_size)[:, None, None] + offsets[None, None, :]
+    valid = (rows < rows_n) & (cols < cols_n)
+    flat = torch.where(valid, rows * cols_n + cols, torch.full_like(rows, -1))
+    return flat.flatten(), valid.flatten()
+
+
+def _scatter_blocks(
+    base: torch.Tensor | None,
+    values: torch.Tensor,
+    block_indices: torch.Tensor,
+    block_size: int,
+    shape: tuple[int, int],
+    scaling: float,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Dense ``base + scaling * blocks`` (``base`` None: zeros) of ``shape``; padding slots are dropped."""
+    numel = shape[0] * shape[1]
+    # One spare trailing slot absorbs all padding entries (no data-dependent masking, so no device sync).
+    flat = torch.zeros(numel + 1, dtype=dtype, device=values.device)
+    if base is not None:
+        flat[:numel].copy_(base.detach().reshape(-1))
+    if block_indices.numel():
+        positions, valid = block_entry_indices(block_indices, block_size, shape)
+        positions = torch.where(valid, positions, torch.full_like(positions, numel))
+        flat.index_add_(0, positions, values.detach().to(dtype), alpha=scaling)
+    return flat[:numel].view(shape)
+
+
+def _padded_blocks(t2: torch.Tensor, block_size: int, n_blocks: int) -> torch.Tensor:
+    """2-D ``(T, K)`` padded with zero columns to ``n_blocks * b`` and viewed as ``(n_blocks, T, b)``."""
+    pad = n_blocks * block_size - t2.shape[1]
+    padded = F.pad(t2, (0, pad)) if pad else t2
+    return padded.view(t2.shape[0], n_blocks, block_size).transpose(0, 1)
+
+
+def _chunk_slices(count: int, tokens: int, block_size: int) -> list[slice]:
+    """Slices over the blocks so that one gathered ``(n, T, b)`` operand stays within the memory budget."""
+    step = max(1, _GATHER_BUDGET // max(1, tokens * block_size))
+    return [slice(start, start + step) for start in range(0, count, step)]
+
+
+def block_grads(
+    rows_op: torch.Tensor,
+    cols_op: torch.Tensor,
+    block_indices: torch.Tensor,
+    block_size: int,
+    shape: tuple[int, int],
+    scaling: float,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """``scaling * (rows_op^T @ cols_op)`` restricted to the given blocks, flattened like ``values``.
+
+    ``rows_op`` is ``(T, R)`` and ``cols_op`` is ``(T, C)``; padding slots come out exactly zero.
+    """
+    count = block_indices.numel()
+    b = block_size
+    grid = _grid(shape, b)
+    dtype = torch.promote_types(rows_op.dtype, cols_op.dtype)
+    tokens = rows_op.shape[0]
+    if count == 0 or tokens == 0:
+        return torch.zeros(count * b * b, dtype=out_dtype, device=rows_op.device)
+    block_rows, block_cols = _block_coords(block_indices, b, shape)
+    left = _padded_blocks(rows_op.to(dtype), b, grid[0])
+    right = _padded_blocks(cols_op.to(dtype), b, grid[1])
+    parts = []
+    for sl in _chunk_slices(count, tokens, b):
+        gathered_rows = left.index_select(0, block_rows[sl])  # (n, T, b)
+        gathered_cols = right.index_select(0, block_cols[sl])
+        parts.append(torch.bmm(gathered_rows.transpose(1, 2), gathered_cols))
+    out = parts[0] if len(parts) == 1 else torch.cat(parts)
+    if scaling != 1.0:
+        out = out.mul_(scaling)
+    return out.reshape(-1).to(out_dtype)
+
+
+def apply_block_delta(
+    x2: torch.Tensor,
+    values: torch.Tensor,
+    block_indices: torch.Tensor,
+    block_size: int,
+    shape: tuple[int, int],
+    scaling: float,
+    right_transposed: bool,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """``x2 @ ΔS^T`` (``right_transposed``) or ``x2 @ ΔS`` for 2-D ``x2`` with block-sparse ``ΔS``."""
+    b = block_size
+    grid_rows, grid_cols = _grid(shape, b)
+    tokens = x2.shape[0]
+    # x @ ΔS^T: input blocks follow the block column, output the block row; x @ ΔS the other way round.
+    n_src, n_dst, width = (
+        (grid_cols, grid_rows, shape[0]) if right_transposed else (grid_rows, grid_cols, shape[1])
+    )
+    count = block_indices.numel()
+    if count == 0 or tokens == 0:
+        return torch.zeros(tokens, width, dtype=dtype, device=x2.device)
+    block_rows, block_cols = _block_coords(block_indices, b, shape)
+    src_idx, dst_idx = (block_cols, block_rows) if right_transposed else (block_rows, block_cols)
+    blocks = values.detach().to(dtype).view(count, b, b)
+    if scaling != 1.0:
+        blocks = blocks * scaling
+    blocks = blocks.transpose(1, 2) if right_transposed else blocks
+    # Padding slots of a block only meet zero-padded input columns or land in cropped output columns.
+    source = _padded_blocks(x2.to(dtype), b, n_src)
+    target = torch.zeros(n_dst, tokens, b, dtype=dtype, device=x2.device)
+    for sl in _chunk_slices(count, tokens, b):
+        gathered = source.index_select(0, src_idx[sl])  # (n, T, b)
+        target.index_add_(0, dst_idx[sl], torch.bmm(gathered, blocks[sl]))
+    return target.transpose(0, 1).reshape(tokens, n_dst * b)[:, :width]
+
+
+class _BlockSparseLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        values: torch.Tensor,
+        block_indices: torch.Tensor,
+        block_size: int,
+        scaling: float,
+        transposed: bool,
+    ) -> torch.Tensor:
+        shape = tuple(weight.shape)
+        merged = _scatter_blocks(weight, values, block_indices, block_size, shape, scaling, weight.dtype)
+        out = F.linear(x, merged.T if transposed else merged, bias)
+        ctx.save_for_backward(x, weight, values, block_indices)
+        ctx.block_size, ctx.scaling, ctx.transposed = block_size, scaling, transposed  # type: ignore[attr-defined]
+        return out
+
+    @staticmethod
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, g: torch.Tensor
+    ) -> tuple[torch.Tensor | None, ...]:
+        x, weight, values, block_indices = ctx.saved_tensors  # type: ignore[attr-defined]
+        block_size, scaling, transposed = ctx.block_size, ctx.scaling, ctx.transposed  # type: ignore[attr-defined]
+        shape = tuple(weight.shape)
+        grad_x = grad_values = None
+        if ctx.needs_input_grad[0]:  # type: ignore[attr-defined]
+            merged = _scatter_blocks(weight, values, block_indices, block_size, shape, scaling, weight.dtype)
+            grad_x = _grad_x_dense(g, merged, transposed, x.dtype)
+            del merged
+        if ctx.needs_input_grad[3]:  # type: ignore[attr-defined]
+            x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+            rows_op, cols_op = _rows_cols_operands(x2, g2, transposed)
+            grad_values = block_grads(
+                rows_op, cols_op, block_indices, block_size, shape, scaling, values.dtype
+            )
+        return grad_x, None, None, grad_values, None, None, None, None
+
+
+def block_sparse_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    values: torch.Tensor,
+    block_indices: torch.Tensor,
+    block_size: int,
+    scaling: float = 1.0,
+    transposed: bool = False,
+) -> torch.Tensor:
+    """Adapted output ``x @ S_eff^T + b`` (``x @ S_eff + b`` if ``transposed``), block-sparse ΔS, one GEMM."""
+    return _BlockSparseLinear.apply(
+        x, weight, bias, values, block_indices, int(block_size), float(scaling), bool(transposed)
+    )
+
+
+class _BlockSparseDelta(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        x: torch.Tensor,
+        values: torch.Tensor,
+        block_indices: torch.Tensor,
+        block_size: int,
+        shape: tuple[int, int],
+        scaling: float,
+        transposed: bool,
+    ) -> torch.Tensor:
+        dtype = torch.promote_types(x.dtype, values.dtype)
+        x2 = x.reshape(-1, x.shape[-1])
+        out = apply_block_delta(x2, values, block_indices, block_size, shape, scaling, not transposed, dtype)
+        ctx.save_for_backward(x, values, block_indices)
+        ctx.block_size, ctx.shape = block_size, shape  # type: ignore[attr-defined]
+        ctx.scaling, ctx.transposed = scaling, transposed  # type: ignore[attr-defined]
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, g: torch.Tensor
+    ) -> tuple[torch.Tensor | None, ...]:
+        x, values, block_indices = ctx.saved_tensors  # type: ignore[attr-defined]
+        block_size, shape = ctx.block_size, ctx.shape  # type: ignore[attr-defined]
+        scaling, transposed = ctx.scaling, ctx.transposed  # type: ignore[attr-defined]
+        g2 = g.reshape(-1, g.shape[-1])
+        grad_x = grad_values = None
+        if ctx.needs_input_grad[0]:  # type: ignore[attr-defined]
+            dtype = torch.promote_types(g.dtype, values.dtype)
+            grad_x = apply_block_delta(
+                g2, values, block_indices, block_size, shape, scaling, transposed, dtype
+            )
+            grad_x = grad_x.to(x.dtype).reshape(x.shape)
+        if ctx.needs_input_grad[1]:  # type: ignore[attr-defined]
+            rows_op, cols_op = _rows_cols_operands(x.reshape(-1, x.shape[-1]), g2, transposed)
+            grad_values = block_grads(
+                rows_op, cols_op, block_indices, block_size, shape, scaling, values.dtype
+            )
+        return grad_x, grad_values, None, None, None, None, None
+
+
+def block_sparse_delta(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    block_indices: torch.Tensor,
+    block_size: int,
+    shape: tuple[int, int],
+    scaling: float = 1.0,
+    transposed: bool = False,
+) -> torch.Tensor:
+    """Only the block adapter term ``x @ ΔS^T`` (``x @ ΔS`` if ``transposed``); dtype as ``sparse_delta``."""
+    shape = (int(shape[0]), int(shape[1]))
+    return _BlockSparseDelta.apply(
+        x, values, block_indices, int(block_size), shape, float(scaling), bool(transposed)
+    )

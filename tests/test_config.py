@@ -1,0 +1,311 @@
+"""Registration of the PEFT type, SparseAdapterConfig validation, budgets, presets and target selection."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import base_weights, sparse_layers, tiny_bert, tiny_gpt2, tiny_llama, tiny_phi3
+from peft import LoraConfig, PeftConfig, PeftType, get_peft_model
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+import peft_sparse
+from peft_sparse import SparseAdapterConfig, SparseAdapterModel
+from peft_sparse.registration import register
+
+
+def adapted(model: nn.Module) -> set[str]:
+    return set(sparse_layers(model))
+
+
+# --- registration ---------------------------------------------------------------------------------------------
+def test_peft_type_member_behaves_like_a_builtin_member():
+    member = PeftType.SPARSE_ADAPTER
+    assert member.name == member.value == "SPARSE_ADAPTER"
+    assert PeftType("SPARSE_ADAPTER") is member
+    assert PeftType["SPARSE_ADAPTER"] is member
+    assert member in list(PeftType)
+    assert member == "SPARSE_ADAPTER" and {member: 1}["SPARSE_ADAPTER"] == 1
+    assert json.loads(json.dumps({"peft_type": member})) == {"peft_type": "SPARSE_ADAPTER"}
+    assert PEFT_TYPE_TO_CONFIG_MAPPING[member] is SparseAdapterConfig
+    assert PEFT_TYPE_TO_TUNER_MAPPING[member] is SparseAdapterModel
+    assert peft_sparse.PEFT_TYPE is member
+
+
+def test_registration_is_idempotent():
+    members_before = list(PeftType.__members__)
+    configs_before = dict(PEFT_TYPE_TO_CONFIG_MAPPING)
+    tuners_before = dict(PEFT_TYPE_TO_TUNER_MAPPING)
+    assert register() is PeftType.SPARSE_ADAPTER
+    assert register() is PeftType.SPARSE_ADAPTER
+    importlib.reload(peft_sparse)
+    assert peft_sparse.PEFT_TYPE is PeftType.SPARSE_ADAPTER
+    assert list(PeftType.__members__) == members_before
+    assert PeftType._member_names_.count("SPARSE_ADAPTER") == 1
+    assert dict(PEFT_TYPE_TO_CONFIG_MAPPING) == configs_before
+    assert dict(PEFT_TYPE_TO_TUNER_MAPPING) == tuners_before
+    # the tuner still works after the reload
+    model = get_peft_model(tiny_llama(layers=1), SparseAdapterConfig(target_modules=["q_proj"]))
+    assert len(adapted(model)) == 1
+
+
+def test_registration_in_a_fresh_process_survives_reimport_and_reload():
+    script = textwrap.dedent(
+        """
+        import importlib
+        import peft_sparse
+        import peft_sparse as again
+        importlib.reload(peft_sparse)
+        importlib.reload(peft_sparse.registration)
+        peft_sparse.registration.register()
+        import tempfile
+        from peft import PeftConfig, PeftType
+        from peft_sparse import SparseAdapterConfig
+        with tempfile.TemporaryDirectory() as tmp:
+            SparseAdapterConfig(target_modules=["q_proj"]).save_pretrained(tmp)
+            restored = PeftConfig.from_pretrained(tmp)
+        ok = isinstance(restored, SparseAdapterConfig) and restored.peft_type is PeftType.SPARSE_ADAPTER
+        print(PeftType._member_names_.count("SPARSE_ADAPTER"), ok)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["1", "True"], out.stderr
+
+
+def test_config_json_round_trip(tmp_path):
+    config = SparseAdapterConfig(
+        target_modules=["q_proj", "v_proj"], keep_ratio=0.05, block_size=2, mask_init="random", seed=7
+    )
+    config.save_pretrained(tmp_path)
+    stored = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert stored["peft_type"] == "SPARSE_ADAPTER"
+    loaded = PeftConfig.from_pretrained(tmp_path)
+    assert isinstance(loaded, SparseAdapterConfig)
+    assert loaded.peft_type is PeftType.SPARSE_ADAPTER
+    assert loaded.target_modules == {"q_proj", "v_proj"}
+    assert (loaded.keep_ratio, loaded.block_size, loaded.mask_init, loaded.seed) == (0.05, 2, "random", 7)
+
+
+def test_saved_config_and_readme_tell_users_to_install_and_import(tmp_path):
+    SparseAdapterConfig(target_modules=["q_proj"]).save_pretrained(tmp_path)
+    requires = json.loads((tmp_path / "adapter_config.json").read_text())["requires"]
+    readme = (tmp_path / "README.md").read_text()
+    for text in (requires, readme):
+        assert "pip install peft-sparse" in text
+        assert "import peft_sparse" in text
+    SparseAdapterConfig(target_modules=["q_proj"]).save_pretrained(tmp_path)  # saving again: note appears once
+    assert (tmp_path / "README.md").read_text().count("pip install peft-sparse") == 1
+
+
+# --- validation and budgets -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("ratio", [0.0, -0.1, 1.0001, 2.0])
+def test_keep_ratio_outside_unit_interval_errors(ratio):
+    with pytest.raises(ValueError, match="keep_ratio"):
+        SparseAdapterConfig(target_modules=["q_proj"], keep_ratio=ratio)
+
+
+def test_keep_ratio_one_adapts_every_entry():
+    model = get_peft_model(tiny_llama(layers=1), SparseAdapterConfig(target_modules=["q_proj"], keep_ratio=1.0))
+    (layer,) = sparse_layers(model).values()
+    assert torch.equal(layer.sparse_adapter_indices["default"].long(), torch.arange(32 * 32))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"mask_init": "bogus"},
+        {"budget_scope": "everywhere"},
+        {"block_size": 0},
+        {"num_params": 0},
+        {"lora_rank": 0},
+        {"num_params": 10, "lora_rank": 2},
+    ],
+)
+def test_invalid_fields_error(kwargs):
+    with pytest.raises(ValueError):
+        SparseAdapterConfig(target_modules=["q_proj"], **kwargs)
+
+
+def test_keep_ratio_budget_per_module():
+    model = get_peft_model(tiny_llama(layers=1), SparseAdapterConfig(target_modules=["q_proj", "k_proj", "up_proj"]))
+    config = model.peft_config["default"]
+    layers = sparse_layers(model)
+    for name, layer in layers.items():
+        rows, cols = layer.get_base_layer().weight.shape
+        assert layer.sparse_adapter_indices["default"].numel() == round(0.01 * rows * cols)
+        assert config.entries_pattern[name] == layer.sparse_adapter_indices["default"].numel()
+        assert config.weight_shapes[name] == [rows, cols]
+
+
+@pytest.mark.parametrize("total", [1, 997, 1001, 5000])
+def test_num_params_budget_sums_exactly_and_is_proportional(total):
+    model = get_peft_model(tiny_llama(), SparseAdapterConfig(target_modules="all-linear", num_params=total))
+    layers = sparse_layers(model)
+    counts = {name: layer.sparse_adapter_values["default"].numel() for name, layer in layers.items()}
+    assert sum(counts.values()) == total
+    assert model.get_nb_trainable_parameters()[0] == total
+    sizes = {name: layer.get_base_layer().weight.numel() for name, layer in layers.items()}
+    capacity = sum(sizes.values())
+    for name, count in counts.items():
+        assert abs(count - total * sizes[name] / capacity) < 1.0
+
+
+def test_budget_larger_than_the_weights_errors():
+    model = tiny_llama(layers=1)
+    before = base_weights(model)
+    with pytest.raises(ValueError, match="budget"):
+        get_peft_model(model, SparseAdapterConfig(target_modules=["q_proj"], num_params=32 * 32 + 1))
+    with pytest.raises(ValueError, match="budget"):
+        get_peft_model(model, SparseAdapterConfig(target_modules=["q_proj"], lora_rank=17))  # 17 * 64 > 1024
+    assert not any(isinstance(m, BaseTunerLayer) for m in model.modules())
+    assert base_weights(model).keys() == before.keys()
+
+
+def test_block_budget_rounds_to_whole_blocks():
+    config = SparseAdapterConfig(target_modules=["q_proj"], num_params=64, block_size=4)
+    model = get_peft_model(tiny_llama(layers=1), config)
+    (layer,) = sparse_layers(model).values()
+    assert layer.sparse_adapter_indices["default"].numel() == 4
+    assert layer.sparse_adapter_values["default"].numel() == 64
+
+
+@pytest.mark.parametrize(
+    ("targets", "rank_pattern"),
+    [(["q_proj", "v_proj"], {}), (["q_proj", "down_proj"], {"down_proj": 1}), ("all-linear", {})],
+)
+def test_from_lora_config_matches_lora_targets_and_parameter_count(targets, rank_pattern):
+    lora = LoraConfig(r=2, target_modules=targets, rank_pattern=rank_pattern)
+    lora_model = get_peft_model(tiny_llama(), lora)
+    lora_targets = {name.removeprefix("base_model.model.") for name in lora_model.base_model.targeted_module_names}
+    lora_trainable = sum(p.numel() for p in lora_model.parameters() if p.requires_grad)
+
+    sparse = get_peft_model(tiny_llama(), SparseAdapterConfig.from_lora_config(lora))
+    sparse_trainable = sum(p.numel() for p in sparse.parameters() if p.requires_grad)
+    assert adapted(sparse) == lora_targets
+    assert sparse_trainable == lora_trainable
+
+
+def test_from_lora_config_copies_fields_and_accepts_overrides():
+    lora = LoraConfig(r=4, target_modules=["q_proj"], layers_to_transform=[1], layers_pattern="layers")
+    config = SparseAdapterConfig.from_lora_config(lora, mask_init="random", num_params=100)
+    assert config.target_modules == {"q_proj"}
+    assert config.layers_to_transform == [1] and config.layers_pattern == "layers"
+    assert config.mask_init == "random" and config.num_params == 100 and config.lora_rank is None
+    model = get_peft_model(tiny_llama(), config)
+    assert adapted(model) == {"model.layers.1.self_attn.q_proj"}
+    assert model.get_nb_trainable_parameters()[0] == 100
+
+
+# --- target selection -----------------------------------------------------------------------------------------
+def test_presets_llama():
+    qkv = get_peft_model(tiny_llama(layers=1), SparseAdapterConfig(target_modules="qkv"))
+    assert adapted(qkv) == {f"model.layers.0.self_attn.{p}_proj" for p in "qkv"}
+    mlp = get_peft_model(tiny_llama(layers=1), SparseAdapterConfig(target_modules="mlp"))
+    assert adapted(mlp) == {f"model.layers.0.mlp.{p}_proj" for p in ("gate", "up", "down")}
+    both = get_peft_model(tiny_llama(layers=1), SparseAdapterConfig(target_modules=["qkv", "mlp"]))
+    assert adapted(both) == adapted(qkv) | adapted(mlp)
+
+
+def test_presets_gpt2_fused_attention_and_mlp_only():
+    qkv = get_peft_model(tiny_gpt2(), SparseAdapterConfig(target_modules="qkv"))
+    assert adapted(qkv) == {f"transformer.h.{i}.attn.c_attn" for i in range(2)}
+    mlp = get_peft_model(tiny_gpt2(), SparseAdapterConfig(target_modules="mlp"))
+    assert adapted(mlp) == {f"transformer.h.{i}.mlp.{n}" for i in range(2) for n in ("c_fc", "c_proj")}
+    both = get_peft_model(tiny_gpt2(), SparseAdapterConfig(target_modules=["qkv", "mlp"]))
+    assert adapted(both) == adapted(qkv) | adapted(mlp)
+    assert not any("attn.c_proj" in name for name in adapted(both))
+
+
+def test_presets_bert_mlp_excludes_attention_output():
+    qkv = get_peft_model(tiny_bert(), SparseAdapterConfig(target_modules="qkv"))
+    assert adapted(qkv) == {f"encoder.layer.{i}.attention.self.{n}" for i in range(2) for n in ("query", "key", "value")}
+    mlp = get_peft_model(tiny_bert(), SparseAdapterConfig(target_modules="mlp"))
+    expected = {f"encoder.layer.{i}.{n}" for i in range(2) for n in ("intermediate.dense", "output.dense")}
+    assert adapted(mlp) == expected
+    both = get_peft_model(tiny_bert(), SparseAdapterConfig(target_modules=["mlp", "qkv"]))
+    assert adapted(both) == adapted(qkv) | expected
+
+
+def test_presets_phi3_fused_qkv():
+    qkv = get_peft_model(tiny_phi3(), SparseAdapterConfig(target_modules="qkv"))
+    assert adapted(qkv) == {"model.layers.0.self_attn.qkv_proj"}
+    mlp = get_peft_model(tiny_phi3(), SparseAdapterConfig(target_modules="mlp"))
+    assert adapted(mlp) == {"model.layers.0.mlp.gate_up_proj", "model.layers.0.mlp.down_proj"}
+
+
+def test_preset_for_unknown_model_type_errors():
+    model = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="preset"):
+        get_peft_model(model, SparseAdapterConfig(target_modules="qkv"))
+
+
+def test_all_linear_targets_every_linear_but_the_output_head():
+    model = get_peft_model(tiny_llama(), SparseAdapterConfig(target_modules="all-linear"))
+    expected = {
+        f"model.layers.{i}.{n}"
+        for i in range(2)
+        for n in [f"self_attn.{p}_proj" for p in "qkvo"] + [f"mlp.{p}_proj" for p in ("gate", "up", "down")]
+    }
+    assert adapted(model) == expected
+
+
+def test_exclude_modules():
+    config = SparseAdapterConfig(target_modules="all-linear", exclude_modules=["k_proj", "down_proj"])
+    names = adapted(get_peft_model(tiny_llama(), config))
+    assert len(names) == 10
+    assert not any(n.endswith(("k_proj", "down_proj")) for n in names)
+
+
+def test_layers_to_transform():
+    config = SparseAdapterConfig(target_modules=["q_proj", "v_proj"], layers_to_transform=[1])
+    assert adapted(get_peft_model(tiny_llama(), config)) == {
+        "model.layers.1.self_attn.q_proj",
+        "model.layers.1.self_attn.v_proj",
+    }
+
+
+def test_regex_target():
+    config = SparseAdapterConfig(target_modules=r".*layers\.0\.self_attn\.(q|o)_proj")
+    assert adapted(get_peft_model(tiny_llama(), config)) == {
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.0.self_attn.o_proj",
+    }
+
+
+def test_target_matching_nothing_errors():
+    with pytest.raises(ValueError, match="not found"):
+        get_peft_model(tiny_llama(), SparseAdapterConfig(target_modules=["no_such_module"]))
+
+
+@pytest.mark.parametrize("targets", [["embed_tokens"], ["q_proj", "embed_tokens"], ["input_layernorm"]])
+def test_unsupported_module_type_errors_naming_it_and_leaves_the_model_unchanged(targets):
+    model = tiny_llama(layers=1)
+    before = base_weights(model)
+    types_before = {name: type(m) for name, m in model.named_modules()}
+    with pytest.raises(TypeError, match=r"model\.(embed_tokens|layers\.0\.input_layernorm)"):
+        get_peft_model(model, SparseAdapterConfig(target_modules=targets))
+    assert {name: type(m) for name, m in model.named_modules()} == types_before
+    after = {k: v for k, v in model.state_dict().items()}
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_unequal_entries_pattern_capacity_is_checked():
+    config = SparseAdapterConfig(target_modules=["q_proj"], entries_pattern={"model.layers.0.self_attn.q_proj": 2000})
+    with pytest.raises(ValueError, match="entries_pattern"):
+        get_peft_model(tiny_llama(layers=1), config)
+
+
+def test_weight_shape_mismatch_errors():
+    config = SparseAdapterConfig(target_modules=["q_proj"], weight_shapes={"model.layers.0.self_attn.q_proj": [8, 8]})
+    with pytest.raises(ValueError, match="shape"):
+        get_peft_model(tiny_llama(layers=1), config)
