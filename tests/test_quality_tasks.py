@@ -27,6 +27,7 @@ from benchmarks.quality.wordnet import (
 )
 
 REAL_WORDNET = Path("/usr/share/wordnet")
+REAL_CAPS = {"max_train": 300, "max_eval": 150}  # smaller than the defaults to keep the tests fast
 
 # key: (file, lex_filenum, ss_type, [(word, lex_id)], [(symbol, target key, source word, target word)],
 #       verb frames or "", gloss)
@@ -45,8 +46,9 @@ FAKE: dict[str, tuple] = {
                     "the degree of hotness or coldness of a body"),
     "medicine": ("noun", 9, "n", [("medicine", 0), ("medical_specialty", 0)], [("-c", "fever", 0, 0)], "",
                  "the branches of medical science that deal with nonsurgical techniques"),
-    "fever": ("noun", 26, "n", [("fever", 0), ("febrility", 0)], [("@", "entity", 0, 0), (";c", "medicine", 0, 0)],
-              "", 'a rise in the temperature of the body; "he had a fever"'),
+    "fever": ("noun", 26, "n", [("fever", 0), ("febrility", 0)],
+              [("@", "entity", 0, 0), (";c", "medicine", 0, 0)], "",
+              'a rise in the temperature of the body; "he had a fever"'),
     "bark": ("verb", 32, "v", [("bark", 0)], [("+", "dog", 1, 1)], "01 + 02 00",
              'make barking sounds; "The dogs barked at the stranger"'),
     "sleep": ("verb", 29, "v", [("sleep", 0), ("kip", 0)], [], "02 + 02 00 + 08 01", "be asleep"),
@@ -62,7 +64,7 @@ FAKE: dict[str, tuple] = {
     "hotly": ("adv", 2, "r", [("hotly", 0)], [("\\", "hot", 1, 1)], "", "in a hot manner"),
 }  # fmt: skip
 TAGGED = {"dog", "hot", "sleep"}  # senses listed as tagged (frequent) in the fake index files
-HEADER = "  1 This software and database is being provided to you, the LICENSEE, by  \n  2 Princeton University  \n"
+HEADER = "  1 This software and database is being provided to you, the LICENSEE, by  \n  2 Princeton  \n"
 POS_OF_FILE = {"noun": "n", "verb": "v", "adj": "a", "adv": "r"}
 
 
@@ -99,10 +101,9 @@ def write_fake_wordnet(root: Path, lexnames: bool = True) -> Path:
         for lemma, senses in sorted(index.items()):
             symbols = sorted({p[0] for k in senses for p in FAKE[k][4]})
             tagged = sum(k in TAGGED for k in senses)
-            lines.append(
-                " ".join([lemma, pos, str(len(senses)), str(len(symbols)), *symbols, str(len(senses)), str(tagged)])
-                + " " + " ".join(f"{offsets[k]:08d}" for k in senses) + "  \n"
-            )  # fmt: skip
+            counts = [str(len(senses)), str(len(symbols)), *symbols, str(len(senses)), str(tagged)]
+            fields = [lemma, pos, *counts]
+            lines.append(" ".join(fields + [f"{offsets[k]:08d}" for k in senses]) + "  \n")
         (root / f"index.{file}").write_text(HEADER + "".join(lines))
     if lexnames:
         rows = [f"{i:02d}\t{name}\t{1 + ['noun', 'verb', 'adj', 'adv'].index(name.split('.')[0])}\n"
@@ -196,6 +197,16 @@ def test_lexnames_file_is_read_and_defaults_without_it(tmp_path):
     assert _id(load_wordnet(root), "dog").lexname == "x.file5"
 
 
+def test_senses_without_index_files(tmp_path):
+    root = write_fake_wordnet(tmp_path / "no_index")
+    for file in root.glob("index.*"):
+        file.unlink()
+    wn = load_wordnet(root)
+    assert [s.name for s in wn.senses("Canis familiaris")] == ["dog"]
+    assert [s.name for s in wn.senses("kip", "v")] == ["sleep"]
+    assert not any(s.tagged for s in wn.all())
+
+
 def test_missing_database_has_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="wordnet-base"):
         load_wordnet(tmp_path / "nowhere")
@@ -225,7 +236,8 @@ def test_build_tasks_on_a_tiny_wordnet_does_not_fail(fake_wn):
 
 def _tiny_task() -> Task:
     train = [Example("q1", ["a", "b", "c"], 0), Example("q2 é", ["d", "e", "f"], 2)]
-    return Task("tiny", False, train, [Example("q3", ["g", "h", "i"], 1)], [Example("q4", ["j", "k", "l"], 2)])
+    validation, test = [Example("q3", ["g", "h", "i"], 1)], [Example("q4", ["j", "k", "l"], 2)]
+    return Task("tiny", False, train, validation, test)
 
 
 def test_jsonl_round_trip(tmp_path):
@@ -288,7 +300,7 @@ def real():
     if not (REAL_WORDNET / "data.noun").exists():
         pytest.skip("Debian package wordnet-base is not installed")
     wn = load_wordnet(REAL_WORDNET)
-    return wn, build_tasks(wn, seed=0)
+    return wn, build_tasks(wn, seed=0, **REAL_CAPS)
 
 
 def test_real_task_counts_and_summary(real):
@@ -329,8 +341,8 @@ def test_real_tasks_have_no_query_leakage(real):
 
 def test_real_tasks_are_deterministic(real):
     wn, tasks = real
-    names = ["noun_hypernym", "adj_antonym", "part_whole", "sense_choice"]
-    again = build_tasks(wn, seed=0, names=names)
+    names = ["noun_hypernym", "adj_antonym", "part_whole"]
+    again = build_tasks(wn, seed=0, names=names, **REAL_CAPS)
     assert all(again[n] == tasks[n] for n in names)
-    other = build_tasks(wn, seed=1, names=names[:1])
+    other = build_tasks(wn, seed=1, names=names[:1], **REAL_CAPS)
     assert other[names[0]].test != tasks[names[0]].test

@@ -388,7 +388,8 @@ def _sense_choice(ctx: _Context) -> list[_Item]:
             if not examples or s.id not in definitions:
                 continue
             answer = definitions[s.id]
-            grouped = {s.id, *s.targets(VERB_GROUP)}  # verb groups join near-identical senses
+            # verb groups join near-identical senses: never offer one as a wrong answer for another
+            grouped = {s.id, *(g.id for g in ctx.wn.related(s, VERB_GROUP))}
             others = {_norm(d): d for i, d in definitions.items() if i not in grouped}
             others.pop(_norm(answer), None)
             if len(others) >= 3:
@@ -401,9 +402,9 @@ def _domain_topic(ctx: _Context, min_members: int = 10) -> tuple[list[_Item], Po
     wn = ctx.wn
     members: dict[str, int] = {}
     for s in wn.all():
-        for t in dict.fromkeys(s.targets(DOMAIN_TOPIC)):
+        for t in dict.fromkeys(t.id for t in wn.related(s, DOMAIN_TOPIC)):
             members[t] = members.get(t, 0) + 1
-    topics = [wn[t] for t, n in members.items() if n >= min_members and t in wn.synsets]
+    topics = [wn[t] for t, n in members.items() if n >= min_members]
     topic_ancestors = {t.id: ctx.ancestors(t) for t in topics}
 
     def invalid(word: str) -> set[str]:

@@ -66,7 +66,7 @@ class Synset:
     pointers: list[Pointer] = field(default_factory=list)
     lex_ids: list[int] = field(default_factory=list)
     tagged: bool = False  # some word has this sense among its semantically tagged (frequent) senses
-    _by_symbol: dict[str, list[str]] | None = field(default=None, repr=False, compare=False)
+    _related: dict[str, list[Synset]] | None = field(default=None, repr=False, compare=False)
 
     @property
     def file_pos(self) -> str:
@@ -79,15 +79,8 @@ class Synset:
         return self.lemmas[0]
 
     def targets(self, *symbols: str) -> list[str]:
-        """Target synset ids of pointers with any of the given symbols (semantic and lexical), by symbol."""
-        by_symbol = self._by_symbol
-        if by_symbol is None:
-            by_symbol = self._by_symbol = {}
-            for p in self.pointers:
-                by_symbol.setdefault(p.symbol, []).append(p.target)
-        if len(symbols) == 1:
-            return list(by_symbol.get(symbols[0], ()))
-        return [t for symbol in symbols for t in by_symbol.get(symbol, ())]
+        """Target synset ids of pointers with any of the given symbols (semantic and lexical)."""
+        return [p.target for p in self.pointers if p.symbol in symbols]
 
 
 class WordNet:
@@ -127,8 +120,17 @@ class WordNet:
             yield lemma, pos, [self.synsets[i] for i in ids]
 
     def related(self, synset: Synset, *symbols: str) -> list[Synset]:
-        """Synsets reached from ``synset`` by pointers with any of the given symbols."""
-        return [self.synsets[t] for t in synset.targets(*symbols) if t in self.synsets]
+        """Synsets reached from ``synset`` by pointers with any of the given symbols (grouped by symbol)."""
+        cache = synset._related
+        if cache is None:
+            cache = synset._related = {}
+            for p in synset.pointers:
+                target = self.synsets.get(p.target)
+                if target is not None:
+                    cache.setdefault(p.symbol, []).append(target)
+        if len(symbols) == 1:
+            return list(cache.get(symbols[0], ()))
+        return [t for symbol in symbols for t in cache.get(symbol, ())]
 
     def lexical(self, synset: Synset, symbol: str) -> list[tuple[str, Synset, str]]:
         """(source lemma, target synset, target lemma) for lexical pointers with ``symbol``."""
@@ -244,15 +246,17 @@ def load_wordnet(path: str | Path = DEFAULT_PATH) -> WordNet:
                 raise ValueError(f"{file}:{number}: malformed synset line ({error})") from error
             synsets[synset.id] = synset
     senses: dict[tuple[str, str], list[str]] = {}
-    for name, pos in FILE_POS.items():
-        file = root / f"index.{name}"
-        if file.is_file():
-            _read_index(file, pos, synsets, senses)
-    _add_missing_senses(synsets, senses)
+    indexed = [name for name in FILE_POS if (root / f"index.{name}").is_file()]
+    for name in indexed:
+        _read_index(root / f"index.{name}", FILE_POS[name], synsets, senses)
+    if len(indexed) < len(FILE_POS):
+        _add_missing_senses(synsets, senses)
     return WordNet(synsets, senses, str(root))
 
 
-def _read_index(file: Path, pos: str, synsets: dict[str, Synset], senses: dict[tuple[str, str], list[str]]):
+def _read_index(
+    file: Path, pos: str, synsets: dict[str, Synset], senses: dict[tuple[str, str], list[str]]
+) -> None:
     """Read ``index.<pos>``: lemma pos synset_cnt p_cnt [ptr_symbol...] sense_cnt tagsense_cnt offsets."""
     for number, line in _read_lines(file):
         tokens = line.split()
