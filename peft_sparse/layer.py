@@ -49,6 +49,7 @@ class SparseAdapterLayer(BaseTunerLayer):
         self.transposed = isinstance(base, Conv1D)
         self.shape = storage_shape(base)
         self.in_features, self.out_features = (self.shape[0], self.shape[1]) if self.transposed else self.shape[::-1]
+        self.module_name: str | None = kwargs.get("module_name")  # for error messages
         self.kwargs = kwargs
 
     # --- adapter state -------------------------------------------------------------------------------------
@@ -61,8 +62,9 @@ class SparseAdapterLayer(BaseTunerLayer):
         inference_mode: bool = False,
     ) -> None:
         """Create (or replace) ``adapter_name`` with the given mask and zero (or random) values."""
-        if adapter_name in ("values", "keys", "items", "update", "pop", "clear"):
-            raise ValueError(f"adapter name {adapter_name!r} clashes with a container method; choose another")
+        containers = (self.sparse_adapter_values, self.sparse_adapter_indices)
+        if "." in adapter_name or any(hasattr(c, adapter_name) and adapter_name not in c for c in containers):
+            raise ValueError(f"adapter name {adapter_name!r} clashes with a container attribute; choose another")
         self.block_size[adapter_name] = block_size
         self.scaling[adapter_name] = 1.0
         self._validated.pop(adapter_name, None)
@@ -107,7 +109,8 @@ class SparseAdapterLayer(BaseTunerLayer):
         key = (id(indices), indices._version, values.numel())
         if self._validated.get(adapter_name) == key:
             return
-        where = f"sparse adapter {adapter_name!r} on {type(self.get_base_layer()).__name__}{tuple(self.shape)}"
+        layer = f"{type(self.get_base_layer()).__name__}{tuple(self.shape)}"
+        where = f"sparse adapter {adapter_name!r} on {f'{self.module_name} ({layer})' if self.module_name else layer}"
         masks.check_indices(indices, self.num_positions(adapter_name), None, where)
         if values.dim() != 1 or values.numel() != indices.numel() * self.entry_width(adapter_name):
             raise ValueError(

@@ -121,7 +121,9 @@ class SparseAdapterModel(BaseTuner):
         if isinstance(target, SparseAdapterLayer):
             target.update_layer(adapter_name, indices, peft_config.block_size, init_weights=peft_config.init_weights)
             return
-        new_module = Linear(target, adapter_name, indices, peft_config.block_size, peft_config.init_weights)
+        new_module = Linear(
+            target, adapter_name, indices, peft_config.block_size, peft_config.init_weights, module_name=current_key
+        )
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)

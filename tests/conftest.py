@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 
 import torch
+from torch import nn
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
@@ -185,3 +187,52 @@ def set_random_values(model: torch.nn.Module, adapter: str | None = None, seed: 
                 noise = torch.randn(values.shape, generator=generator) * std
                 with torch.no_grad():
                     values.copy_(noise.to(values.dtype))
+
+
+# --- independent saliency references (calibration) --------------------------------------------------------------
+def reference_weight_grads(model: nn.Module, names: list[str], batches, loss_fn=None) -> dict[str, torch.Tensor]:
+    """Σ over batches of ∂L/∂W for the named modules, by making a copy of their weights trainable."""
+    model = copy.deepcopy(model).eval()
+    modules = dict(model.named_modules())
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name in names:
+        modules[name].weight.requires_grad_(True)
+    for batch in batches:
+        loss = loss_fn(model, batch) if loss_fn is not None else model(**batch).loss
+        loss.backward()
+    return {name: modules[name].weight.grad.detach().clone() for name in names}
+
+
+def reference_scores(model: nn.Module, names: list[str], batches, kind: str, loss_fn=None) -> dict[str, torch.Tensor]:
+    """|∂L/∂W| ("gradient") or |W ⊙ ∂L/∂W| ("snip") of the base model's weights."""
+    grads = reference_weight_grads(model, names, batches, loss_fn)
+    modules = dict(model.named_modules())
+    if kind == "gradient":
+        return {n: g.abs() for n, g in grads.items()}
+    return {n: (modules[n].weight.detach() * g).abs() for n, g in grads.items()}
+
+
+def block_sums(scores: torch.Tensor, block: int) -> torch.Tensor:
+    """Sum of scores per block of the (ragged) block grid, flattened row-major."""
+    rows, cols = scores.shape
+    grid_cols = math.ceil(cols / block)
+    sums = torch.zeros(math.ceil(rows / block) * grid_cols, dtype=torch.float64)
+    for r in range(0, rows, block):
+        for c in range(0, cols, block):
+            sums[(r // block) * grid_cols + c // block] = scores[r : r + block, c : c + block].double().sum()
+    return sums
+
+
+def assert_is_top_k(chosen: torch.Tensor, scores: torch.Tensor, k: int) -> None:
+    """``chosen`` is the top-k of ``scores`` (ties to the lower position; near-ties from float order allowed)."""
+    flat = scores.flatten().double()
+    order = sorted(range(flat.numel()), key=lambda i: (-float(flat[i]), i))
+    expected = sorted(order[:k])
+    chosen = chosen.long().tolist()
+    assert len(chosen) == k
+    if chosen == expected:
+        return
+    kth = float(flat[order[k - 1]])
+    differing = set(chosen) ^ set(expected)
+    assert all(abs(float(flat[i]) - kth) <= 1e-5 * max(abs(kth), 1e-12) for i in differing), "not the top-k"

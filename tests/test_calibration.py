@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import copy
-import math
 import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import (
+    assert_is_top_k,
     assert_same_tensors,
     base_weights,
+    block_sums,
     lm_batches,
+    reference_scores,
     set_random_values,
     sparse_layers,
     tiny_bert,
@@ -20,56 +22,8 @@ from conftest import (
     tiny_llama,
 )
 from peft import get_peft_model
-from torch import nn
 
 from peft_sparse import SparseAdapterConfig, calibrate_masks
-
-
-# --- independent references -----------------------------------------------------------------------------------
-def reference_weight_grads(model: nn.Module, names: list[str], batches, loss_fn=None) -> dict[str, torch.Tensor]:
-    """Σ over batches of ∂L/∂W for the named modules, by making a copy of their weights trainable."""
-    model = copy.deepcopy(model).eval()
-    modules = dict(model.named_modules())
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for name in names:
-        modules[name].weight.requires_grad_(True)
-    for batch in batches:
-        loss = loss_fn(model, batch) if loss_fn is not None else model(**batch).loss
-        loss.backward()
-    return {name: modules[name].weight.grad.detach().clone() for name in names}
-
-
-def reference_scores(model, names, batches, kind: str, loss_fn=None) -> dict[str, torch.Tensor]:
-    grads = reference_weight_grads(model, names, batches, loss_fn)
-    modules = dict(model.named_modules())
-    if kind == "gradient":
-        return {n: g.abs() for n, g in grads.items()}
-    return {n: (modules[n].weight.detach() * g).abs() for n, g in grads.items()}
-
-
-def block_sums(scores: torch.Tensor, block: int) -> torch.Tensor:
-    rows, cols = scores.shape
-    grid_cols = math.ceil(cols / block)
-    sums = torch.zeros(math.ceil(rows / block) * grid_cols, dtype=torch.float64)
-    for r in range(0, rows, block):
-        for c in range(0, cols, block):
-            sums[(r // block) * grid_cols + c // block] = scores[r : r + block, c : c + block].double().sum()
-    return sums
-
-
-def assert_is_top_k(chosen: torch.Tensor, scores: torch.Tensor, k: int) -> None:
-    """``chosen`` is the top-k of ``scores`` (ties to the lower position; near-ties from float order allowed)."""
-    flat = scores.flatten().double()
-    order = sorted(range(flat.numel()), key=lambda i: (-float(flat[i]), i))
-    expected = sorted(order[:k])
-    chosen = chosen.long().tolist()
-    assert len(chosen) == k
-    if chosen == expected:
-        return
-    kth = float(flat[order[k - 1]])
-    differing = set(chosen) ^ set(expected)
-    assert all(abs(float(flat[i]) - kth) <= 1e-5 * max(abs(kth), 1e-12) for i in differing), "not the top-k"
 
 
 def masks_of(model, adapter="default") -> dict[str, torch.Tensor]:
@@ -108,7 +62,9 @@ def test_num_batches_limits_the_batches_used():
     calibrate_masks(model, iter(batches), num_batches=2, progress=False)
     scores = reference_scores(base, list(sparse_layers(model)), batches[:2], "gradient")
     for name, layer in sparse_layers(model).items():
-        assert_is_top_k(layer.sparse_adapter_indices["default"], scores[name], layer.sparse_adapter_values["default"].numel())
+        assert_is_top_k(
+            layer.sparse_adapter_indices["default"], scores[name], layer.sparse_adapter_values["default"].numel()
+        )
 
 
 def test_block_masks_pick_whole_blocks_by_block_sums():
@@ -124,18 +80,23 @@ def test_block_masks_pick_whole_blocks_by_block_sums():
         assert layer.sparse_adapter_values["default"].numel() == rows * 25
 
 
-def test_global_budget_keeps_the_total_and_picks_the_top_over_all_layers(tmp_path):
+@pytest.mark.parametrize("block_size", [None, 4])
+def test_global_budget_keeps_the_total_and_picks_the_top_over_all_layers(block_size):
     base = tiny_llama()
     batches = lm_batches(2)
-    config = SparseAdapterConfig(target_modules="all-linear", mask_init="gradient", budget_scope="global")
+    config = SparseAdapterConfig(
+        target_modules="all-linear", mask_init="gradient", budget_scope="global", block_size=block_size
+    )
     model = get_peft_model(copy.deepcopy(base), config)
     layers = sparse_layers(model)
-    total = sum(layer.sparse_adapter_values["default"].numel() for layer in layers.values())
+    total = sum(layer.sparse_adapter_indices["default"].numel() for layer in layers.values())
     counts = calibrate_masks(model, batches, progress=False)
     assert sum(counts.values()) == total
     assert len(set(counts.values())) > 1  # unequal per-layer counts
     assert model.peft_config["default"].entries_pattern == counts
     scores = reference_scores(base, list(layers), batches, "gradient")
+    if block_size is not None:
+        scores = {n: block_sums(s, block_size) for n, s in scores.items()}
     names = list(layers)
     offsets, start = {}, 0
     for name in names:
@@ -144,7 +105,7 @@ def test_global_budget_keeps_the_total_and_picks_the_top_over_all_layers(tmp_pat
     chosen = torch.cat([layers[n].sparse_adapter_indices["default"].long() + offsets[n] for n in names])
     assert_is_top_k(chosen, torch.cat([scores[n].flatten() for n in names]), total)
     for name, layer in layers.items():
-        assert layer.sparse_adapter_values["default"].numel() == counts[name]
+        assert layer.sparse_adapter_values["default"].numel() == counts[name] * (block_size or 1) ** 2
     # the model still runs and trains with the new per-layer sizes
     model.train()
     model(**batches[0]).loss.backward()
@@ -171,7 +132,9 @@ def test_custom_loss_fn_for_a_model_without_a_built_in_loss():
     calibrate_masks(model, batches, loss_fn=contrastive, progress=False)
     scores = reference_scores(base, list(sparse_layers(model)), batches, "gradient", loss_fn=contrastive)
     for name, layer in sparse_layers(model).items():
-        assert_is_top_k(layer.sparse_adapter_indices["default"], scores[name], layer.sparse_adapter_values["default"].numel())
+        assert_is_top_k(
+            layer.sparse_adapter_indices["default"], scores[name], layer.sparse_adapter_values["default"].numel()
+        )
 
 
 # --- side effects -----------------------------------------------------------------------------------------------
@@ -214,6 +177,13 @@ def test_errors_change_nothing():
         calibrate_masks(model, lm_batches(1), score_kind="bogus", progress=False)
     with pytest.raises(ValueError):
         calibrate_masks(model, lm_batches(1), adapter_name="missing", progress=False)
+    model.merge_adapter()
+    merged_state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="unmerge"):
+        calibrate_masks(model, lm_batches(1), progress=False)
+    assert_same_tensors(dict(model.state_dict()), merged_state)
+    model.unmerge_adapter()
+    state = {k: v.clone() for k, v in model.state_dict().items()}  # unmerge rounds; compare from here
     assert_same_tensors(dict(model.state_dict()), state)
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {
         n for n, _ in model.named_parameters() if "sparse_adapter_values.default" in n
@@ -271,9 +241,7 @@ def _distributed_worker(rank: int, world_size: int, directory: str) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"file://{directory}/store", rank=rank, world_size=world_size
-    )
+    dist.init_process_group("gloo", init_method=f"file://{directory}/store", rank=rank, world_size=world_size)
     try:
         config = SparseAdapterConfig(target_modules=DIST_TARGETS, mask_init="gradient")
         model = get_peft_model(tiny_llama(layers=1), config)

@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import importlib
 import json
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
-from conftest import base_weights, sparse_layers, tiny_bert, tiny_gpt2, tiny_llama, tiny_phi3
+from conftest import base_weights, lm_batches, sparse_layers, tiny_bert, tiny_gpt2, tiny_llama, tiny_phi3
 from peft import LoraConfig, PeftConfig, PeftType, get_peft_model
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -54,30 +51,6 @@ def test_registration_is_idempotent():
     # the tuner still works after the reload
     model = get_peft_model(tiny_llama(layers=1), SparseAdapterConfig(target_modules=["q_proj"]))
     assert len(adapted(model)) == 1
-
-
-def test_registration_in_a_fresh_process_survives_reimport_and_reload():
-    script = textwrap.dedent(
-        """
-        import importlib
-        import peft_sparse
-        import peft_sparse as again
-        importlib.reload(peft_sparse)
-        importlib.reload(peft_sparse.registration)
-        peft_sparse.registration.register()
-        import tempfile
-        from peft import PeftConfig, PeftType
-        from peft_sparse import SparseAdapterConfig
-        with tempfile.TemporaryDirectory() as tmp:
-            SparseAdapterConfig(target_modules=["q_proj"]).save_pretrained(tmp)
-            restored = PeftConfig.from_pretrained(tmp)
-        ok = isinstance(restored, SparseAdapterConfig) and restored.peft_type is PeftType.SPARSE_ADAPTER
-        print(PeftType._member_names_.count("SPARSE_ADAPTER"), ok)
-        """
-    )
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["1", "True"], out.stderr
 
 
 def test_config_json_round_trip(tmp_path):
@@ -156,6 +129,10 @@ def test_num_params_budget_sums_exactly_and_is_proportional(total):
     capacity = sum(sizes.values())
     for name, count in counts.items():
         assert abs(count - total * sizes[name] / capacity) < 1.0
+    # modules left with no entries (tiny budgets) still run forward and backward
+    model.train()
+    model(**lm_batches(1)[0]).loss.backward()
+    assert sum(int((layer.sparse_adapter_values["default"].grad != 0).sum()) for layer in layers.values()) > 0
 
 
 def test_budget_larger_than_the_weights_errors():
@@ -226,7 +203,9 @@ def test_presets_gpt2_fused_attention_and_mlp_only():
 
 def test_presets_bert_mlp_excludes_attention_output():
     qkv = get_peft_model(tiny_bert(), SparseAdapterConfig(target_modules="qkv"))
-    assert adapted(qkv) == {f"encoder.layer.{i}.attention.self.{n}" for i in range(2) for n in ("query", "key", "value")}
+    assert adapted(qkv) == {
+        f"encoder.layer.{i}.attention.self.{n}" for i in range(2) for n in ("query", "key", "value")
+    }
     mlp = get_peft_model(tiny_bert(), SparseAdapterConfig(target_modules="mlp"))
     expected = {f"encoder.layer.{i}.{n}" for i in range(2) for n in ("intermediate.dense", "output.dense")}
     assert adapted(mlp) == expected

@@ -204,6 +204,41 @@ def test_set_adapter_several_active_and_disable(block_size):
     torch.testing.assert_close(model(X).double(), both, **tol)
 
 
+def test_block_and_unstructured_adapters_active_together():
+    model = get_peft_model(Net(), net_config(), adapter_name="entries")
+    model.add_adapter("blocks", net_config(block_size=2, seed=5))
+    set_random_values(model)
+    model.base_model.set_adapter(["entries", "blocks"])
+    reference = net_reference(model, X, ["entries", "blocks"])
+    torch.testing.assert_close(model(X).double(), reference, rtol=1e-5, atol=1e-5)
+    model.merge_adapter()
+    torch.testing.assert_close(model(X).double(), reference, rtol=1e-5, atol=1e-5)
+
+
+def test_init_weights_false_starts_from_random_values_with_zero_padding():
+    model = get_peft_model(Net(), net_config(block_size=3, keep_ratio=1.0, init_weights=False))
+    layer = sparse_layers(model)["lin1"]  # (7, 10): ragged 3x3 blocks
+    values = layer.sparse_adapter_values["default"].detach().view(-1, 3, 3)
+    assert values.abs().sum() > 0
+    for k, b in enumerate(layer.sparse_adapter_indices["default"].tolist()):
+        r0, c0 = (b // 4) * 3, (b % 4) * 3
+        for i in range(3):
+            for j in range(3):
+                if r0 + i >= 7 or c0 + j >= 10:
+                    assert values[k, i, j] == 0
+    torch.testing.assert_close(model(X).double(), net_reference(model, X, ["default"]), rtol=1e-5, atol=1e-5)
+
+
+def test_casting_the_model_keeps_int32_indices():
+    model = make()
+    model.to(torch.bfloat16)
+    for layer in sparse_layers(model).values():
+        assert layer.sparse_adapter_indices["default"].dtype == torch.int32
+        assert layer.get_base_layer().weight.dtype == torch.bfloat16
+    reference = net_reference(model, X.to(torch.bfloat16), ["default"])
+    torch.testing.assert_close(model(X.to(torch.bfloat16)).double(), reference, rtol=3e-2, atol=3e-2)
+
+
 def test_adapters_on_different_modules():
     model = get_peft_model(Net(), SparseAdapterConfig(target_modules=["lin1"], keep_ratio=0.5), adapter_name="a")
     model.add_adapter("b", SparseAdapterConfig(target_modules=["conv"], keep_ratio=0.5))
@@ -284,7 +319,9 @@ def test_layer_safe_merge_refuses_nan():
 def test_merge_and_unload_gives_the_dense_merged_base_model():
     model = make(block_size=2)
     layers = sparse_layers(model)
-    expected = {n: layer.get_base_layer().weight.detach() + dense_delta(layer, "default") for n, layer in layers.items()}
+    expected = {
+        n: layer.get_base_layer().weight.detach() + dense_delta(layer, "default") for n, layer in layers.items()
+    }
     out = model(X)
     merged = model.merge_and_unload(safe_merge=True)
     assert isinstance(merged, Net) and not any(isinstance(m, SparseAdapterLayer) for m in merged.modules())

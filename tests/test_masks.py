@@ -9,8 +9,7 @@ import torch
 from conftest import sparse_layers, tiny_gpt2, tiny_llama
 from peft import get_peft_model
 
-from peft_sparse import SparseAdapterConfig
-from peft_sparse import masks
+from peft_sparse import SparseAdapterConfig, masks
 
 
 def reference_top_k(flat_scores: torch.Tensor, k: int) -> list[int]:

@@ -45,9 +45,20 @@ def test_adapter_name_appears_in_parameter_and_buffer_names():
     assert trainable(model) == {n for n in names if n.endswith("sparse_adapter_values.my_task")}
 
 
-def test_container_method_names_are_refused_as_adapter_names():
+@pytest.mark.parametrize("name", ["values", "copy", "get", "to", "train", "forward"])
+def test_names_clashing_with_container_attributes_are_refused(name):
     with pytest.raises(ValueError, match="clashes"):
-        get_peft_model(tiny_llama(), config(), adapter_name="values")
+        get_peft_model(tiny_llama(), config(), adapter_name=name)
+    model = two_adapters()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="clashes"):
+        model.add_adapter(name, config())
+    assert set(model.peft_config) == {"first", "second"}
+    assert set(model.state_dict()) == set(before)
+    assert all(name not in layer.block_size for layer in sparse_layers(model).values())
+    with pytest.raises(ValueError, match="clashes"):
+        model.add_weighted_adapter(["first", "second"], [1.0, 1.0], name)
+    assert set(model.peft_config) == {"first", "second"}
 
 
 def test_only_the_active_adapter_is_trainable():
@@ -134,6 +145,7 @@ def test_add_adapter_errors_leave_the_model_unchanged():
     keys_before = set(model.state_dict())
     with pytest.raises(ValueError):
         model.add_adapter("third", SparseAdapterConfig(target_modules=["missing"]))
+    assert set(model.peft_config) == {"first", "second"}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert set(model.state_dict()) == keys_before

@@ -70,7 +70,9 @@ def test_saved_format(tmp_path):
         assert torch.equal(values, layer.sparse_adapter_values["default"].detach())
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["peft_type"] == "SPARSE_ADAPTER"
-    assert config["entries_pattern"] == {n: layer.sparse_adapter_indices["default"].numel() for n, layer in layers.items()}
+    assert config["entries_pattern"] == {
+        n: layer.sparse_adapter_indices["default"].numel() for n, layer in layers.items()
+    }
     assert config["weight_shapes"] == {n: list(layer.get_base_layer().weight.shape) for n, layer in layers.items()}
     assert "pip install peft-sparse" in config["requires"] and "import peft_sparse" in config["requires"]
     readme = (tmp_path / "README.md").read_text()
@@ -90,6 +92,7 @@ def test_several_adapters_save_to_subdirectories_each_with_the_install_note(tmp_
 
 # --- round trips ----------------------------------------------------------------------------------------------
 def test_fresh_process_reload_gives_identical_logits(tmp_path):
+    """Also checks that registration from scratch survives a reload in a new interpreter."""
     model = global_calibrated_model()  # unequal per-module counts: must reload from the config alone
     model.save_pretrained(tmp_path / "adapter")
     expected = logits(model)
@@ -97,11 +100,15 @@ def test_fresh_process_reload_gives_identical_logits(tmp_path):
         f"""
         import sys
         sys.path.insert(0, {str(TESTS)!r})
+        import importlib
         import torch
         import peft_sparse
-        from peft import PeftModel
+        importlib.reload(peft_sparse)  # importing twice / reloading is harmless
+        peft_sparse.registration.register()
+        from peft import PeftModel, PeftType
         from conftest import tiny_llama
         from test_save_load import IDS
+        assert PeftType._member_names_.count("SPARSE_ADAPTER") == 1
         model = PeftModel.from_pretrained(tiny_llama(), {str(tmp_path / "adapter")!r}).eval()
         with torch.no_grad():
             torch.save(model(input_ids=IDS).logits, {str(tmp_path / "logits.pt")!r})
@@ -132,6 +139,17 @@ def test_calibrated_mask_with_unequal_counts_reloads_from_config(tmp_path):
     assert_same_adapter(model, loaded)
     assert torch.equal(logits(loaded), logits(model))
     assert all(layer.sparse_adapter_values["default"].requires_grad for layer in sparse_layers(loaded).values())
+
+
+def test_modules_to_save_round_trip(tmp_path):
+    model = trained_model(modules_to_save=["lm_head"])
+    with torch.no_grad():
+        model.base_model.model.lm_head.modules_to_save["default"].weight.add_(0.5)
+    model.save_pretrained(tmp_path)
+    assert any("lm_head" in key for key in load_file(tmp_path / "adapter_model.safetensors"))
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    assert_same_adapter(model, loaded)
+    assert torch.equal(logits(loaded), logits(model))
 
 
 def test_conv1d_round_trip(tmp_path):
