@@ -22,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from . import masks
+from .files import INSTALL_NOTE, atomic_write_bytes, atomic_write_text, default_mode
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -196,8 +197,7 @@ def check_compatible(adapters: Sequence[SparseAdapterFile], allow_extra_keys: bo
     for other in adapters[1:]:
         if other.block_size != first.block_size:
             raise AdapterFormatError(
-                f"block_size differs: {first.path} has {first.block_size}, "
-                f"{other.path} has {other.block_size}"
+                f"block_size differs: {first.path} has {first.block_size}, {other.path} has {other.block_size}"
             )
         if other.layer_names != first.layer_names:
             diff = sorted(set(other.layer_names) ^ set(first.layer_names))[:5]
@@ -222,32 +222,6 @@ def check_compatible(adapters: Sequence[SparseAdapterFile], allow_extra_keys: bo
         raise AdapterFormatError(f"{adapter.path}: cannot merge unexpected tensor {adapter.extra_keys[0]!r}")
 
 
-def _default_mode(kind: str) -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return (0o777 if kind == "dir" else 0o666) & ~umask
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same directory and ``os.replace``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.chmod(tmp, _default_mode("file"))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """UTF-8 text version of :func:`atomic_write_bytes`."""
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
 def check_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> None:
     """Raise ``FileExistsError`` unless ``out_dir`` is absent, an empty directory, or ``overwrite`` is set."""
     out = Path(out_dir)
@@ -261,27 +235,8 @@ def check_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Non
 
 def model_card(title: str, details: Sequence[str] = ()) -> str:
     """README text for a saved sparse adapter, with install/import instructions for the plugin."""
-    lines = [f"# {title}", ""]
-    lines += [f"- {line}" for line in details]
-    lines += [
-        "",
-        "## Loading this adapter",
-        "",
-        "This is a **peft-sparse** adapter (`peft_type: SPARSE_ADAPTER`). PEFT needs the plugin to load it:",
-        "",
-        "```bash",
-        "pip install peft-sparse",
-        "```",
-        "",
-        "```python",
-        "import peft_sparse  # registers the SPARSE_ADAPTER tuner with PEFT; import it first",
-        "from peft import PeftModel",
-        "",
-        'model = PeftModel.from_pretrained(base_model, "path/or/hub-id")',
-        "```",
-        "",
-    ]
-    return "\n".join(lines)
+    lines = [f"# {title}", ""] + [f"- {line}" for line in details]
+    return "\n".join(lines) + "\n" + INSTALL_NOTE
 
 
 def write_adapter_dir(
@@ -298,14 +253,14 @@ def write_adapter_dir(
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     trash: Path | None = None
     try:
-        os.chmod(staging, _default_mode("dir"))
+        os.chmod(staging, default_mode("dir"))
         contiguous = {key: tensor.contiguous() for key, tensor in tensors.items()}
         save_file(contiguous, str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
         config_text = json.dumps(config, indent=2, sort_keys=True) + "\n"
         (staging / CONFIG_NAME).write_text(config_text, encoding="utf-8")
         (staging / README_NAME).write_text(readme, encoding="utf-8")
         for name in (WEIGHTS_NAME, CONFIG_NAME, README_NAME):
-            os.chmod(staging / name, _default_mode("file"))  # safetensors creates its file as 0600
+            os.chmod(staging / name, default_mode("file"))  # safetensors creates its file as 0600
         check_output_dir(out, overwrite)  # re-check: something may have appeared meanwhile
         if out.exists():
             if any(out.iterdir()):

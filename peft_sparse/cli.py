@@ -64,7 +64,7 @@ def _merge(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from .adapter_files import atomic_write_bytes, atomic_write_text
+    from .files import atomic_write_bytes, atomic_write_text
     from .inspection import format_inspection, inspect_adapters, render_inspection_png
 
     for path in (args.json, args.plot):
