@@ -1,7 +1,8 @@
 """Autograd ops for block-sparse adapters: ΔS is a set of ``b x b`` blocks on a ``ceil(R/b) x ceil(C/b)``
 grid. ``values`` holds ``b * b`` numbers per block (row-major inside the block), in ``block_indices`` order.
 Slots outside ``S`` at ragged edges are padding: they never affect the output and always get a zero gradient.
-Gradients of whole blocks are batched ``b x b`` products over gathered token slices; no dense ``g^T x``.
+Blocks of ``b >= 16`` use batched ``b x b`` products over gathered token slices (bmm); smaller blocks run the
+unstructured CSR kernels on their entries. Neither forms a dense ``g^T x``.
 """
 
 from __future__ import annotations
@@ -11,10 +12,16 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .sparse_linear import _grad_x_dense, _rows_cols_operands
+from .sparse_linear import apply_delta, dense_grad_x, grad_operands, sampled_product
 
 # Upper bound on the elements of one gathered operand slice (bounds the transient memory of the bmm paths).
 _GATHER_BUDGET = 1 << 22
+# Blocks smaller than this go through the unstructured kernels on their entries: gathering ``(T, b)`` token
+# slices per block copies ``nnz * T / b`` numbers, too many for small ``b``. Measured (CPU, 1 thread, 1 % of
+# blocks, load ~3.5), grad_values bmm vs entries/CSR: 2048x2048/2048 tok b=4 510 vs 55 ms, b=8 192 vs 75,
+# b=16 46 vs 81, b=32 25 vs 66; 384x384/4096 b=8 3.8 vs 6.7, b=16 1.2 vs 11; 1536x384/4096 b=8 24 vs 34,
+# b=16 13 vs 31. Delta forward: b=8 275 vs 84 ms (2048^2), b=16 59 vs 77, 1.6 vs 9.7 (384^2).
+_MIN_BMM_BLOCK = 16
 
 
 def _grid(shape: tuple[int, int], block_size: int) -> tuple[int, int]:
@@ -69,11 +76,22 @@ def _scatter_blocks(
     return flat[:numel].view(shape)
 
 
+def _sorted_entries(
+    block_indices: torch.Tensor, block_size: int, shape: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Value slots of the real entries in flat-position order, and those sorted flat positions."""
+    numel = shape[0] * shape[1]
+    flat, valid = block_entry_indices(block_indices, block_size, shape)
+    keys, order = torch.sort(torch.where(valid, flat, torch.full_like(flat, numel)))
+    real = int(valid.sum())
+    return order[:real], keys[:real]
+
+
 def _padded_blocks(t2: torch.Tensor, block_size: int, n_blocks: int) -> torch.Tensor:
-    """2-D ``(T, K)`` padded with zero columns to ``n_blocks * b`` and viewed as ``(n_blocks, T, b)``."""
+    """2-D ``(T, K)`` padded with zero columns to ``n_blocks * b`` and viewed as ``(T, n_blocks, b)``."""
     pad = n_blocks * block_size - t2.shape[1]
-    padded = F.pad(t2, (0, pad)) if pad else t2
-    return padded.view(t2.shape[0], n_blocks, block_size).transpose(0, 1)
+    padded = F.pad(t2, (0, pad)) if pad else t2.contiguous()
+    return padded.view(t2.shape[0], n_blocks, block_size)
 
 
 def _chunk_slices(count: int, tokens: int, block_size: int) -> list[slice]:
@@ -102,9 +120,14 @@ def block_grads(
     tokens = rows_op.shape[0]
     if count == 0 or tokens == 0:
         return torch.zeros(count * b * b, dtype=out_dtype, device=rows_op.device)
+    if b < _MIN_BMM_BLOCK:
+        slots, positions = _sorted_entries(block_indices, b, shape)
+        out = torch.zeros(count * b * b, dtype=out_dtype, device=rows_op.device)
+        out[slots] = sampled_product(rows_op, cols_op, positions, shape, scaling, out_dtype)
+        return out
     block_rows, block_cols = _block_coords(block_indices, b, shape)
-    left = _padded_blocks(rows_op.to(dtype), b, grid[0])
-    right = _padded_blocks(cols_op.to(dtype), b, grid[1])
+    left = _padded_blocks(rows_op.to(dtype), b, grid[0]).transpose(0, 1)  # (nR, T, b)
+    right = _padded_blocks(cols_op.to(dtype), b, grid[1]).transpose(0, 1)
     parts = []
     for sl in _chunk_slices(count, tokens, b):
         gathered_rows = left.index_select(0, block_rows[sl])  # (n, T, b)
@@ -137,6 +160,9 @@ def apply_block_delta(
     count = block_indices.numel()
     if count == 0 or tokens == 0:
         return torch.zeros(tokens, width, dtype=dtype, device=x2.device)
+    if b < _MIN_BMM_BLOCK:
+        slots, positions = _sorted_entries(block_indices, b, shape)
+        return apply_delta(x2, values.detach()[slots], positions, shape, scaling, right_transposed, dtype)
     block_rows, block_cols = _block_coords(block_indices, b, shape)
     src_idx, dst_idx = (block_cols, block_rows) if right_transposed else (block_rows, block_cols)
     blocks = values.detach().to(dtype).view(count, b, b)
@@ -145,11 +171,12 @@ def apply_block_delta(
     blocks = blocks.transpose(1, 2) if right_transposed else blocks
     # Padding slots of a block only meet zero-padded input columns or land in cropped output columns.
     source = _padded_blocks(x2.to(dtype), b, n_src)
-    target = torch.zeros(n_dst, tokens, b, dtype=dtype, device=x2.device)
+    target = torch.zeros(tokens, n_dst, b, dtype=dtype, device=x2.device)
     for sl in _chunk_slices(count, tokens, b):
-        gathered = source.index_select(0, src_idx[sl])  # (n, T, b)
-        target.index_add_(0, dst_idx[sl], torch.bmm(gathered, blocks[sl]))
-    return target.transpose(0, 1).reshape(tokens, n_dst * b)[:, :width]
+        gathered = source.index_select(1, src_idx[sl])  # (T, n, b)
+        products = torch.bmm(gathered.transpose(0, 1), blocks[sl])  # (n, T, b)
+        target.index_add_(1, dst_idx[sl], products.transpose(0, 1))
+    return target.view(tokens, n_dst * b)[:, :width]
 
 
 class _BlockSparseLinear(torch.autograd.Function):
@@ -182,11 +209,11 @@ class _BlockSparseLinear(torch.autograd.Function):
         grad_x = grad_values = None
         if ctx.needs_input_grad[0]:  # type: ignore[attr-defined]
             merged = _scatter_blocks(weight, values, block_indices, block_size, shape, scaling, weight.dtype)
-            grad_x = _grad_x_dense(g, merged, transposed, x.dtype)
+            grad_x = dense_grad_x(g, merged, transposed, x.dtype)
             del merged
         if ctx.needs_input_grad[3]:  # type: ignore[attr-defined]
             x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
-            rows_op, cols_op = _rows_cols_operands(x2, g2, transposed)
+            rows_op, cols_op = grad_operands(x2, g2, transposed)
             grad_values = block_grads(
                 rows_op, cols_op, block_indices, block_size, shape, scaling, values.dtype
             )
@@ -245,7 +272,7 @@ class _BlockSparseDelta(torch.autograd.Function):
             )
             grad_x = grad_x.to(x.dtype).reshape(x.shape)
         if ctx.needs_input_grad[1]:  # type: ignore[attr-defined]
-            rows_op, cols_op = _rows_cols_operands(x.reshape(-1, x.shape[-1]), g2, transposed)
+            rows_op, cols_op = grad_operands(x.reshape(-1, x.shape[-1]), g2, transposed)
             grad_values = block_grads(
                 rows_op, cols_op, block_indices, block_size, shape, scaling, values.dtype
             )

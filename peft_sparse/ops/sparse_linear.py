@@ -1,26 +1,34 @@
-"""Autograd ops for unstructured sparse adapters: ``x @ (S + scaling * ΔS)`` with ΔS given by flat indices.
+"""Autograd ops for unstructured sparse adapters: ``x @ (S + scaling * ΔS)``, ΔS given by flat indices.
 
-Storage layout ``S`` has shape ``(R, C)``: ``(out, in)`` for ``nn.Linear`` (``y = x @ S.T``) and ``(in, out)`` for
-GPT-2 ``Conv1D`` (``transposed=True``, ``y = x @ S``). Only ``x`` and ``values`` get gradients; the base weight
-is frozen and the dense weight gradient ``g^T x`` is never formed.
-
-Measured backward strategies (CPU, torch 2.13, ``torch.set_num_threads(1)``, 1 % random density, fp32, best of
-several rounds on a shared 2-core AMD EPYC, so absolute numbers are noisy; see ``_MEASURED`` below the imports).
-``grad_values`` = the product ``g^T x`` sampled at the mask:
-
-    case (S shape, tokens)       dense g^T x + gather   naive gather-mul-sum   sampled_addmm   chunked sampled_addmm
-    2048x2048, 2048 tok               ~300 ms               ~1440 ms              ~66 ms           ~52 ms
-    384x384,   4096 tok               ~19 ms                ~89 ms                ~11 ms           ~4.6 ms
-    1536x384,  4096 tok               ~96 ms                ~283 ms               ~28 ms           ~22 ms
-
-"sampled_addmm" passes ``g.T`` / ``x`` straight to ``torch.sparse.sampled_addmm`` on a CSR pattern built from the
-sorted indices (it makes token-contiguous copies of both operands and runs one dot product per mask entry).
-"chunked" does the same over slices of ``_TOKEN_CHUNK`` tokens and accumulates: the transposed slices and the
-operand rows the dot products read stay in cache, which made it the fastest candidate in every case, so it is
-the one used. The naive gather is 5-20x slower than even the dense product and is only kept as the reference.
-For ``grad_x`` of :func:`sparse_delta` (and its forward) a CSR matmul beat composing a dense ΔS + GEMM by
-3-8x at 1 % density but lost 2-3x at 10 %; above ``_CSR_MAX_DENSITY`` the dense transient ΔS is used instead.
+Storage layout ``S`` is ``(R, C)``: ``(out, in)`` for ``nn.Linear`` (``y = x @ S.T``), ``(in, out)`` for GPT-2
+``Conv1D`` (``transposed=True``, ``y = x @ S``). Only ``x`` and ``values`` get gradients; the base weight is
+frozen and the dense weight gradient ``g^T x`` is never formed.
 """
+
+# Measurements behind the choices below (CPU, torch 2.13+cpu, torch.set_num_threads(1), fp32, random masks,
+# best of 5-7 interleaved rounds on the shared 2-core AMD EPYC; other jobs were running, so treat as +-30 %).
+#
+# grad_values = g^T x sampled at the mask, 1 % density (run at load ~1.5):
+#   S shape, tokens    dense g^T x+gather*   naive (g[:,r]*x[:,c]).sum   sampled_addmm   same, 1024-tok chunks
+#   2048x2048, 2048        212 ms              915 ms                      31.6 ms         38.0 ms
+#   384x384,   4096       14.8 ms             43.5 ms                       6.9 ms          6.2 ms
+#   1536x384,  4096       57.0 ms              274 ms                      23.4 ms         22.1 ms
+#   384x1536,  4096       64.1 ms              327 ms                      21.1 ms         18.2 ms
+#   (* not allowed, baseline only.) 256-token chunks: 31.0 / 6.9 / 24.7 / 23.8 ms, i.e. chunking is neutral.
+#   Split (run at load ~3.5, everything ~2x slower): of 12.1 ms for 384x384 the two token-contiguous
+#   transposes of g and x take 9.3 ms and the sampled kernel 1.6 ms; 2048x2048: 32 ms + 48 ms.
+# Chosen: torch.sparse.sampled_addmm on a CSR pattern built from the sorted indices (crow by searchsorted), in
+# storage orientation (so CSR order == index order), over 1024-token slices: as fast as one call within noise,
+# 3-9x faster than the dense product and 13-40x faster than the naive gather, and it bounds the transient
+# transposed copies to 1024 x (R + C) elements.
+#
+# sparse_delta fwd+bwd, CSR matmuls vs a transient dense ΔS + GEMM (load ~2-3.5):
+#   2048x2048/2048 tok: 1 % 358 vs 1015 ms, 2 % 594 vs 1086, 3 % 688 vs 1009, 5 % 914 vs 1303 ms;
+#   1536x384/4096 tok: 1 % 72 vs 296 ms, 5 % 147 vs 279 ms. An earlier run at 10 % (2048^2) had the dense
+#   path 2-3x ahead (forward 594 vs 1085 ms), hence _CSR_MAX_DENSITY = 0.05.
+#
+# sparse_linear fwd+bwd at 1 % (load ~3.5): 2048x2048/2048 tok 653 ms vs nn.Linear 994 ms trainable / 529 ms
+# frozen; 384x384/4096 65 vs 76 / 53 ms; 1536x384/4096 208 vs 289 / 198 ms.
 
 from __future__ import annotations
 
@@ -30,9 +38,9 @@ import torch
 import torch.nn.functional as F
 
 # Tokens per slice of the sampled product on CPU (accelerators take all tokens at once).
-_TOKEN_CHUNK = 256
+_TOKEN_CHUNK = 1024
 # Above this fraction of non-zeros, a transient dense ΔS + GEMM beats CSR matmuls for the delta-only op.
-_CSR_MAX_DENSITY = 0.03
+_CSR_MAX_DENSITY = 0.05
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -60,7 +68,7 @@ def sampled_product(
     scaling: float,
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
-    """``scaling * (rows_op^T @ cols_op)`` read only at the flat ``indices`` of an ``shape`` matrix.
+    """``scaling * (rows_op^T @ cols_op)`` read only at the flat ``indices`` of a ``shape`` matrix.
 
     ``rows_op`` is ``(T, R)``, ``cols_op`` is ``(T, C)``; the result has one entry per index, in index order.
     """
@@ -71,13 +79,12 @@ def sampled_product(
         return torch.zeros(nnz, dtype=out_dtype, device=rows_op.device)
     pattern = _csr(indices, shape, torch.zeros(nnz, dtype=dtype, device=rows_op.device))
     chunk = _TOKEN_CHUNK if rows_op.device.type == "cpu" else tokens
-    total = None
+    total = torch.zeros(nnz, dtype=dtype, device=rows_op.device)
     for start in range(0, tokens, chunk):
+        # The kernel wants both operands token-contiguous: (R, t) on the left, (t, C) with unit token stride.
         left = rows_op[start : start + chunk].to(dtype).T.contiguous()
         right = cols_op[start : start + chunk].to(dtype).T.contiguous().T
-        part = torch.sparse.sampled_addmm(pattern, left, right, beta=0.0, alpha=scaling).values()
-        total = part if total is None else total.add_(part)
-    assert total is not None
+        total += torch.sparse.sampled_addmm(pattern, left, right, beta=0.0, alpha=scaling).values()
     return total.to(out_dtype)
 
 
@@ -91,17 +98,13 @@ def compose_weight(
     return merged
 
 
-def _grad_x_dense(
-    g: torch.Tensor, matrix: torch.Tensor, transposed: bool, dtype: torch.dtype
-) -> torch.Tensor:
+def dense_grad_x(g: torch.Tensor, matrix: torch.Tensor, transposed: bool, dtype: torch.dtype) -> torch.Tensor:
     """``g @ M`` (Linear layout) or ``g @ M^T`` (transposed layout), returned in ``dtype``."""
     g = g.to(matrix.dtype)
     return torch.matmul(g, matrix.T if transposed else matrix).to(dtype)
 
 
-def _rows_cols_operands(
-    x2: torch.Tensor, g2: torch.Tensor, transposed: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
+def grad_operands(x2: torch.Tensor, g2: torch.Tensor, transposed: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The (row-side, column-side) operands whose product ``A^T B`` is the storage-layout weight gradient."""
     return (x2, g2) if transposed else (g2, x2)
 
@@ -133,11 +136,11 @@ class _SparseLinear(torch.autograd.Function):
         grad_x = grad_values = None
         if ctx.needs_input_grad[0]:  # type: ignore[attr-defined]
             merged = compose_weight(weight, values, indices, scaling)
-            grad_x = _grad_x_dense(g, merged, transposed, x.dtype)
+            grad_x = dense_grad_x(g, merged, transposed, x.dtype)
             del merged
         if ctx.needs_input_grad[3]:  # type: ignore[attr-defined]
             x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
-            rows_op, cols_op = _rows_cols_operands(x2, g2, transposed)
+            rows_op, cols_op = grad_operands(x2, g2, transposed)
             grad_values = sampled_product(
                 rows_op, cols_op, indices, tuple(weight.shape), scaling, values.dtype
             )
@@ -223,7 +226,7 @@ class _SparseDelta(torch.autograd.Function):
             grad_x = apply_delta(g2, values, indices, shape, scaling, transposed, dtype)
             grad_x = grad_x.to(x.dtype).reshape(x.shape)
         if ctx.needs_input_grad[1]:  # type: ignore[attr-defined]
-            rows_op, cols_op = _rows_cols_operands(x.reshape(-1, x.shape[-1]), g2, transposed)
+            rows_op, cols_op = grad_operands(x.reshape(-1, x.shape[-1]), g2, transposed)
             grad_values = sampled_product(rows_op, cols_op, indices, shape, scaling, values.dtype)
         return grad_x, grad_values, None, None, None, None
 
