@@ -14,23 +14,6 @@ from peft_sparse import SparseAdapterConfig
 IDS = lm_batches(1, seed=3)[0]["input_ids"]
 
 
-@pytest.fixture(autouse=True)
-def peft_version_gate(monkeypatch):
-    """transformers 5.24 gates its PEFT integration on peft >= 0.22.0, which is not released (we run 0.21.2).
-
-    When the installed peft is older than that gate, lift it for these tests: they check that the sparse tuner
-    works through transformers' integration code; with a compatible peft they run unpatched.
-    """
-    import importlib.metadata
-
-    import transformers.integrations.peft as integration
-    from packaging import version
-
-    installed = importlib.metadata.version("peft")
-    if version.parse(installed) < version.parse(integration.MIN_PEFT_VERSION):
-        monkeypatch.setattr(integration, "MIN_PEFT_VERSION", installed)
-
-
 def logits(model) -> torch.Tensor:
     with torch.no_grad():
         return model(input_ids=IDS).logits
