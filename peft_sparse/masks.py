@@ -55,11 +55,16 @@ def block_scores(scores: torch.Tensor, block_size: int) -> torch.Tensor:
 
 def top_k_indices(flat_scores: torch.Tensor, k: int) -> torch.Tensor:
     """Positions of the ``k`` largest scores, sorted ascending; ties go to the lower position (deterministic)."""
-    n = flat_scores.numel()
+    flat = flat_scores.detach().flatten()
+    n = flat.numel()
     if not 0 <= k <= n:
         raise ValueError(f"cannot keep {k} of {n} positions")
-    order = torch.sort(flat_scores.detach().flatten(), descending=True, stable=True).indices[:k]
-    return torch.sort(order).values.to(index_dtype(n))
+    if k in (0, n):
+        return torch.arange(k, device=flat.device).to(index_dtype(n))
+    kth = torch.topk(flat, k, sorted=False).values.min()  # the k-th largest score: O(n log k), no full sort
+    above = torch.nonzero(flat > kth).flatten()
+    ties = torch.nonzero(flat == kth).flatten()[: k - above.numel()]
+    return torch.sort(torch.cat([above, ties])).values.to(index_dtype(n))
 
 
 def select(scores: torch.Tensor, k: int, block_size: int | None) -> torch.Tensor:

@@ -117,7 +117,11 @@ class SparseAdapterModel(BaseTuner):
                 f"taken from the module type ({type(base).__name__})",
                 stacklevel=2,
             )
-        indices = initial_mask(peft_config, adapter_name, current_key, base.weight)
+        if getattr(self, "_placeholder_masks", False):  # add_weighted_adapter sets the real mask right after
+            rows = int(peft_config.entries_pattern[current_key])
+            indices = torch.arange(rows, dtype=masks.index_dtype(masks.num_slots(storage_shape(base), None)))
+        else:
+            indices = initial_mask(peft_config, adapter_name, current_key, base.weight)
         if isinstance(target, SparseAdapterLayer):
             target.update_layer(adapter_name, indices, peft_config.block_size, init_weights=peft_config.init_weights)
             return
@@ -204,11 +208,14 @@ class SparseAdapterModel(BaseTuner):
         new_config.entries_pattern = {key: int(union.numel()) for key, (union, _) in planned.items()}
         new_config.inference_mode = True
         self.peft_config[adapter_name] = new_config
+        self._placeholder_masks = True
         try:
             self.inject_adapter(self.model, adapter_name)
         except Exception:
             del self.peft_config[adapter_name]
             raise
+        finally:
+            self._placeholder_masks = False
         for key, layer in self.model.named_modules():
             if key in planned:
                 union, merged = planned[key]
