@@ -215,6 +215,51 @@ def align_on_union(
     return union, aligned, present
 
 
+_ENTRYWISE = {"linear": False, "task_arithmetic": False, "sparse_average": True}
+
+
+def merge_entrywise(
+    indices: Sequence[torch.Tensor], values: Sequence[torch.Tensor], weights: Sequence[float], average: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Σ wᵢ·Δᵢ (or its per-entry mean over the experts storing each entry) by scatter-adds over stored entries.
+
+    Costs O(total stored entries), unlike aligning every expert on the whole union; equals the aligned
+    ``linear`` / ``sparse_average`` methods.
+    """
+    width = _check_experts(indices, values)
+    dtype = values[0].dtype
+    for val in values[1:]:
+        dtype = torch.promote_types(dtype, val.dtype)
+    compute = torch.promote_types(dtype, torch.float32)
+    device = values[0].device
+    flat = [idx.to(device=device, dtype=torch.int64) for idx in indices]
+    if all(f.numel() == flat[0].numel() and torch.equal(f, flat[0]) for f in flat[1:]):
+        union, inverse = flat[0], None  # one shared mask: no union to build
+    else:
+        union, inverse = torch.unique(torch.cat(flat), return_inverse=True)
+    merged = torch.zeros(union.numel(), width, dtype=compute, device=device)
+    denominator = torch.zeros(union.numel(), dtype=compute, device=device) if average else None
+    start = 0
+    for idx, val, weight in zip(flat, values, weights, strict=True):
+        rows = inverse[start : start + idx.numel()] if inverse is not None else None
+        start += idx.numel()
+        contribution = val.to(device=device, dtype=compute) * weight
+        if rows is None:
+            merged += contribution
+        else:
+            merged.index_add_(0, rows, contribution)
+        if denominator is not None:
+            if rows is None:
+                denominator += weight
+            else:
+                denominator.index_add_(0, rows, torch.full((idx.numel(),), weight, dtype=compute, device=device))
+    if denominator is not None:
+        if bool((denominator == 0).any()):
+            raise ValueError("sparse_average: the weights of the experts storing some entry sum to 0")
+        merged /= denominator[:, None]
+    return union, merged.to(dtype)
+
+
 def merge_layer(
     indices: Sequence[torch.Tensor],
     values: Sequence[torch.Tensor],
@@ -235,6 +280,12 @@ def merge_layer(
     ``drop_zeros`` union rows whose merged values are all exactly 0 are removed.
     """
     weight_list = check_merge_options(len(indices), weights, combination_type, density, majority_sign_method)
+    if combination_type in _ENTRYWISE:
+        union, merged = merge_entrywise(indices, values, weight_list, _ENTRYWISE[combination_type])
+        if drop_zeros:
+            keep = (merged != 0).any(dim=1)
+            union, merged = union[keep], merged[keep]
+        return union, merged
     union, aligned, present = align_on_union(indices, values)
     out_dtype = aligned.dtype
     compute = torch.promote_types(out_dtype, torch.float32)
