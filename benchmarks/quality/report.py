@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 from statistics import mean
 
-from peft_sparse.files import atomic_write_text
+from peft_sparse.files import atomic_write_text, default_mode
 
 
 def _mean(scores: dict[str, float], tasks: list[str]) -> float | None:
@@ -140,6 +140,7 @@ def _save_figure(fig, path: Path) -> None:
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=110, bbox_inches="tight")
+        os.chmod(tmp, default_mode("file"))
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
