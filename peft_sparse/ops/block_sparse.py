@@ -7,11 +7,10 @@ unstructured CSR kernels on their entries. Neither forms a dense ``g^T x``.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
+from ..masks import block_entry_positions, block_grid
 from .sparse_linear import apply_delta, dense_grad_x, grad_operands, sampled_product
 
 # Upper bound on the elements of one gathered operand slice (bounds the transient memory of the bmm paths).
@@ -24,8 +23,7 @@ _GATHER_BUDGET = 1 << 22
 _MIN_BMM_BLOCK = 16
 
 
-def _grid(shape: tuple[int, int], block_size: int) -> tuple[int, int]:
-    return math.ceil(shape[0] / block_size), math.ceil(shape[1] / block_size)
+_grid = block_grid
 
 
 def _block_coords(
@@ -44,14 +42,8 @@ def block_entry_indices(
 
     Both results have ``len(block_indices) * block_size**2`` entries, in the layout of ``values``.
     """
-    rows_n, cols_n = int(shape[0]), int(shape[1])
-    block_rows, block_cols = _block_coords(block_indices, block_size, (rows_n, cols_n))
-    offsets = torch.arange(block_size, device=block_indices.device)
-    rows = (block_rows * block_size)[:, None, None] + offsets[None, :, None]
-    cols = (block_cols * block_size)[:, None, None] + offsets[None, None, :]
-    valid = (rows < rows_n) & (cols < cols_n)
-    flat = torch.where(valid, rows * cols_n + cols, torch.full_like(rows, -1))
-    return flat.flatten(), valid.flatten()
+    positions, valid = block_entry_positions(block_indices, block_size, (int(shape[0]), int(shape[1])))
+    return torch.where(valid, positions, torch.full_like(positions, -1)), valid
 
 
 def _scatter_blocks(
