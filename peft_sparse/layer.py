@@ -151,10 +151,12 @@ class SparseAdapterLayer(BaseTunerLayer):
         positions, values = self.flat_delta(adapter_name)
         flat = target.view(-1)
         positions = positions.to(flat.device)
-        # positions are distinct: add in (at least) fp32 and round once, so bf16/fp16 merges match W + ΔW
-        compute = torch.promote_types(flat.dtype, torch.float32)
-        updated = flat[positions].to(compute) + sign * values.detach().to(device=flat.device, dtype=compute)
-        flat[positions] = updated.to(flat.dtype)
+        delta = sign * values.detach().to(flat.device)
+        if flat.dtype in (torch.float32, torch.float64):
+            flat.index_add_(0, positions, delta.to(flat.dtype))  # one pass; positions are distinct, so exact
+            return target
+        # half types: add in fp32 and round once, so bf16/fp16 merges match W + ΔW
+        flat[positions] = (flat[positions].float() + delta.float()).to(flat.dtype)
         return target
 
     def merged_weight_is_finite(self, adapter_names: list[str]) -> bool:
