@@ -67,6 +67,26 @@ def test_smoke_run_writes_report_and_resumes_from_cache(tasks_dir, tmp_path):
     done = sorted((tmp_path / "cache").rglob("done.json"))
     assert len(done) == 4  # 2 tasks x 2 trained methods
     stamps = [p.stat().st_mtime_ns for p in done]
+    assert report["header"]["experts_trained_by_this_command"] == 4
+    scores = sorted((tmp_path / "cache").rglob("scores/*.json"))
+    assert scores  # base and merged scores are kept on disk too
+    score_stamps = [p.stat().st_mtime_ns for p in scores]
     again = run(tasks_dir, tmp_path)
     assert [p.stat().st_mtime_ns for p in done] == stamps  # cached experts were not retrained
+    assert [p.stat().st_mtime_ns for p in scores] == score_stamps  # nor re-merged and re-scored
+    assert again["header"]["experts_trained_by_this_command"] == 0
     assert again["results"]["individual"] == results["individual"]
+    assert again["results"]["merged"] == results["merged"]
+
+
+def test_changed_task_data_is_not_served_from_the_cache(tasks_dir, tmp_path):
+    run(tasks_dir, tmp_path)
+    changed = tmp_path / "changed"
+    changed.mkdir()
+    for path in tasks_dir.rglob("*.jsonl"):
+        target = changed / path.relative_to(tasks_dir)
+        target.parent.mkdir(exist_ok=True)
+        target.write_text(path.read_text())
+    save_task_jsonl(category_task("plain", "a {}", 5), changed / "plain.jsonl")  # same name, new data
+    report = run(changed, tmp_path)
+    assert report["header"]["experts_trained_by_this_command"] == 2  # plain's two experts; sentence's are cached

@@ -98,16 +98,18 @@ class ExpertCache:
 
     def __init__(self, cache_dir: str | os.PathLike, model_id: str) -> None:
         self.root = Path(cache_dir) / hashlib.sha1(model_id.encode()).hexdigest()[:10]
+        self.trained = 0  # experts trained (not loaded) by this process
 
-    def path(self, method: Method, task: str, lr: float, settings: RunSettings) -> Path:
+    def path(self, method: Method, task, lr: float, settings: RunSettings) -> Path:
         key = f"lr{lr:g}-s{settings.steps}-b{settings.batch_size}-r{settings.rank}-seed{settings.seed}"
-        return self.root / method.name / task / key
+        return self.root / method.name / f"{task.name}-{task.fingerprint}" / key
 
     def get_or_train(self, base, tokenizer, method: Method, task, lr: float, settings: RunSettings) -> Path:
-        path = self.path(method, task.name, lr, settings)
+        path = self.path(method, task, lr, settings)
         if (path / "done.json").exists():
             return path
         model = train_expert(base, tokenizer, method, task, lr, settings)
+        self.trained += 1
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".tmp-"))
         try:
@@ -137,13 +139,6 @@ class Harness:
         self.base, self.tokenizer, self.tasks, self.settings, self.cache = base, tokenizer, tasks, settings, cache
         self.base.eval()
         self.base.requires_grad_(False)
-        self._scores: dict[tuple[str, str, str], float] = {}
-
-    def score(self, model: nn.Module, key: tuple[str, str], task, split: str = "test") -> float:
-        cache_key = (*key, task.name + ":" + split)
-        if cache_key not in self._scores:
-            self._scores[cache_key] = accuracy(model, self.tokenizer, _eval_split(task, split, self.settings.max_eval))
-        return self._scores[cache_key]
 
     def expert_score(self, method: Method, task, lr: float, split: str) -> float:
         """Score of a cached expert on its own task (stored next to the expert)."""
@@ -167,12 +162,40 @@ class Harness:
         grid_scores = {f"{lr:g}": v for lr, v in table.items()}
         return {"grid": grid_scores, "best_lr": best, "tasks": [t.name for t in search_tasks]}
 
+    def cached_scores(self, label: str, key: list, build, eval_tasks: list[str]) -> dict[str, float]:
+        """Test scores of the model ``build()`` on ``eval_tasks``, kept on disk under a digest of ``key``.
+
+        The model is only built when some score is missing, so a resumed run re-merges nothing it has scored.
+        """
+        digest = hashlib.sha1(json.dumps([key, self.settings.max_eval]).encode()).hexdigest()[:16]
+        path = self.cache.root / "scores" / f"{label.replace(':', '_')}-{digest}.json"
+        stored = json.loads(path.read_text()) if path.exists() else {}
+        entry = {t: f"{t}-{self.tasks[t].fingerprint}" for t in eval_tasks}
+        missing = [t for t in eval_tasks if entry[t] not in stored]
+        if missing:
+            model = build()
+            for t in tqdm(missing, desc=f"evaluating {label}", leave=False):
+                examples = _eval_split(self.tasks[t], "test", self.settings.max_eval)
+                stored[entry[t]] = accuracy(model, self.tokenizer, examples)
+            del model
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(path, json.dumps(stored, indent=1, sort_keys=True))
+        return {t: stored[entry[t]] for t in eval_tasks}
+
+    def merged_scores(self, method: Method, dirs: list[str], combination: str, eval_tasks: list[str]) -> dict:
+        key = [method.name, combination, [os.path.relpath(d, self.cache.root) for d in dirs]]
+        return self.cached_scores(
+            f"{method.name}:{combination}:n{len(dirs)}",
+            key,
+            lambda: merge_experts(self.base, method, dirs, combination),
+            eval_tasks,
+        )
+
     def run(self) -> dict:
         s = self.settings
         all_tasks = s.held_in + s.held_out
         results: dict = {"individual": {}, "merged": {}, "merge_curve": {}, "lr_search": {}, "trainable_params": {}}
-        base_scores = {t: self.score(self.base, ("base", ""), self.tasks[t]) for t in all_tasks}
-        results["individual"]["base"] = base_scores
+        results["individual"]["base"] = self.cached_scores("base", ["base"], lambda: self.base, all_tasks)
         methods = [parse_method(m) for m in s.methods if m != "base"]
         for method in tqdm(methods, desc="methods"):
             search = self.search_lr(method)
@@ -180,21 +203,19 @@ class Harness:
             lr = search["best_lr"]
             scores = {t: self.expert_score(method, self.tasks[t], lr, "test") for t in s.held_in}
             results["individual"][method.name] = scores
-            first = self.cache.path(method, s.held_in[0], lr, s)
+            first = self.cache.path(method, self.tasks[s.held_in[0]], lr, s)
             results["trainable_params"][method.name] = json.loads((first / "done.json").read_text())["trainable_params"]
-            dirs = [str(self.cache.path(method, t, lr, s)) for t in s.held_in]
+            dirs = [str(self.cache.path(method, self.tasks[t], lr, s)) for t in s.held_in]
             for combination in MERGES.get(method.kind, ()):
-                label = f"{method.name}:{combination}"
-                merged = merge_experts(self.base, method, dirs, combination)
-                results["merged"][label] = {t: self.score(merged, (label, "all"), self.tasks[t]) for t in all_tasks}
-                del merged
+                results["merged"][f"{method.name}:{combination}"] = self.merged_scores(
+                    method, dirs, combination, all_tasks
+                )
             combination = MERGES.get(method.kind, (None,))[0]
             if combination is not None:
                 curve = {}
                 for n in sorted({k for k in s.merge_sizes if k < len(s.held_in)} | {len(s.held_in)}):
-                    label = f"{method.name}:{combination}:n{n}"
-                    merged = merge_experts(self.base, method, dirs[:n], combination)
-                    curve[n] = sum(self.score(merged, (label, ""), self.tasks[t]) for t in s.held_in[:n]) / n
-                    del merged
+                    merged = self.merged_scores(method, dirs[:n], combination, s.held_in[:n])
+                    curve[n] = sum(merged.values()) / n
                 results["merge_curve"][f"{method.name}:{combination}"] = curve
+        results["experts_trained"] = self.cache.trained
         return results

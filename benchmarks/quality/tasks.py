@@ -8,6 +8,7 @@ most one example, so nothing in a task's test split is queried in its train spli
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -15,7 +16,7 @@ import re
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from functools import lru_cache, partial
+from functools import cached_property, lru_cache, partial
 from pathlib import Path
 
 from .wordnet import (
@@ -89,6 +90,12 @@ class Task:
         if name not in SPLITS:
             raise ValueError(f"unknown split {name!r}; expected one of {', '.join(SPLITS)}")
         return getattr(self, name)
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """A short digest of all three splits: cached experts and scores are keyed by it, not by the name alone."""
+        rows = [[split, e.query, e.candidates, e.label] for split in SPLITS for e in self.split(split)]
+        return hashlib.sha1(json.dumps(rows).encode()).hexdigest()[:10]
 
     @property
     def num_candidates(self) -> int:
