@@ -36,6 +36,7 @@ class _Stats:
         self.conflicts = torch.zeros(n, n, dtype=torch.float64)
         self.multi_shared = 0
         self.multi_conflicts = 0
+        self.union = 0
 
     def add(self, other: _Stats) -> None:
         self.sizes += other.sizes
@@ -43,6 +44,7 @@ class _Stats:
         self.conflicts += other.conflicts
         self.multi_shared += other.multi_shared
         self.multi_conflicts += other.multi_conflicts
+        self.union += other.union
 
     def summary(self) -> dict[str, Any]:
         union = self.sizes[:, None] + self.sizes[None, :] - self.shared
@@ -51,6 +53,7 @@ class _Stats:
             "shared_entries": [[int(x) for x in row] for row in self.shared.tolist()],
             "sign_conflict": _ratio(self.conflicts, self.shared),
             "sign_conflict_rate": (self.multi_conflicts / self.multi_shared) if self.multi_shared else None,
+            "union_entries": self.union,
         }
 
 
@@ -72,6 +75,7 @@ def _layer_stats(
     stats.shared = h @ h.T
     stats.conflicts = p @ q.T + q @ p.T
     multi = held.sum(dim=0) >= 2
+    stats.union = int(held.any(dim=0).sum())
     stats.multi_shared = int(multi.sum())
     stats.multi_conflicts = int((multi & pos.any(dim=0) & neg.any(dim=0)).sum())
     return stats
@@ -128,7 +132,8 @@ def _fmt(x: float | None, digits: int = 4) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
 
-def _mean_off_diagonal(matrix: list[list[float | None]]) -> float | None:
+def mean_off_diagonal(matrix: list[list[float | None]]) -> float | None:
+    """Mean of a pairwise matrix over distinct pairs (None entries skipped), e.g. the mean Jaccard overlap."""
     vals = [x for i, row in enumerate(matrix) for j, x in enumerate(row) if i != j and x is not None]
     return sum(vals) / len(vals) if vals else None
 
@@ -147,7 +152,7 @@ def format_inspection(report: dict[str, Any]) -> str:
         dens = " ".join(f"{d:.4f}" for d in info["density"])
         lines.append(
             f"{layer:<{width}}  {shape:>11}  {dens:<{max(20, 8 * len(names))}}  {sum(info['params']):>12}  "
-            f"{_fmt(_mean_off_diagonal(info['jaccard'])):>7}  {_fmt(info['sign_conflict_rate']):>8}"
+            f"{_fmt(mean_off_diagonal(info['jaccard'])):>7}  {_fmt(info['sign_conflict_rate']):>8}"
         )
     overall = report["overall"]
     lines += ["", "overall (jaccard: mean pairwise; conflict: shared entries with opposite signs)"]
@@ -162,6 +167,7 @@ def format_inspection(report: dict[str, Any]) -> str:
             lines.append(f"    [{i}] " + " ".join(f"{_fmt(x):>7}" for x in row))
     rate = _fmt(overall["sign_conflict_rate"])
     lines.append(f"  sign-conflict rate (entries stored by >= 2 adapters): {rate}")
+    lines.append(f"  union of all masks (the merged adapter's size): {overall['union_entries']} entries")
     return "\n".join(lines)
 
 

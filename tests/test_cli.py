@@ -277,6 +277,8 @@ def test_inspect_report_and_files(tmp_path, capsys):
     assert layer["sign_conflict"][0][1] == 0.5
     assert layer["sign_conflict_rate"] == 0.5
     assert report["overall"]["jaccard"] == layer["jaccard"]
+    assert layer["union_entries"] == report["overall"]["union_entries"] == len({0, 1, 2, 3} | {2, 3, 4, 5, 6, 7})
+    assert "union of all masks" in printed
     assert plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert leftovers(tmp_path) == []
 
@@ -288,6 +290,7 @@ def test_inspect_blocks_count_real_entries(tmp_path):
     layer = report["layers"]["q"]
     assert layer["entries"] == [15, 15] and layer["params"] == [24, 24]
     assert layer["density"] == [1.0, 1.0] and layer["jaccard"][0][1] == 1.0
+    assert layer["union_entries"] == 15  # real entries, not the 24 padded block slots
     empty = write_adapter(tmp_path / "empty", seed=5, block=2, shapes=shapes, rows=0)
     layer = inspect_adapters([dirs[0], empty])["layers"]["q"]
     assert (

@@ -57,12 +57,16 @@ def test_smoke_run_writes_report_and_resumes_from_cache(tasks_dir, tmp_path):
     assert {"sparse-magnitude:sparse_average", "sparse-magnitude:ties", "lora:svd", "lora:cat"} <= set(
         results["merged"]
     )
+    overlap = results["mask_overlap"]["sparse-magnitude"]
+    # a magnitude mask depends on the weights only: every task's expert has the same one
+    assert overlap["mean_jaccard"] == 1.0 and overlap["union_over_mean_expert"] == 1.0
+    assert 0.0 <= overlap["sign_conflict_rate"] <= 1.0
     for scores in [*results["individual"].values(), *results["merged"].values()]:
         assert all(0.0 <= v <= 1.0 for v in scores.values())
     for name in ("quality_smoke.md", "quality_smoke_per_task.png", "quality_smoke_merged_vs_individual.png"):
         assert (tmp_path / "out" / name).stat().st_size > 0
     markdown = (tmp_path / "out" / "quality_smoke.md").read_text()
-    assert "--smoke" in markdown and "seed 0" in markdown
+    assert "--smoke" in markdown and "seed 0" in markdown and "Mask overlap" in markdown
 
     done = sorted((tmp_path / "cache").rglob("done.json"))
     assert len(done) == 4  # 2 tasks x 2 trained methods

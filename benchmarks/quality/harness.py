@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from peft_sparse import calibrate_masks
 from peft_sparse.files import atomic_write_text
+from peft_sparse.inspection import inspect_adapters, mean_off_diagonal
 
 from .methods import MERGES, Method, build_trainable, load_expert, merge_experts, parse_method, trainable_count
 from .scorer import accuracy, batch_loss
@@ -132,6 +133,16 @@ def _eval_split(task, split: str, max_eval: int | None):
     return examples[:max_eval] if max_eval else examples
 
 
+def mask_overlap(dirs: list[str]) -> dict[str, float | None]:
+    """How much the experts' masks overlap: what decides whether ``sparse_average`` differs from averaging."""
+    overall = inspect_adapters(dirs)["overall"]
+    return {
+        "mean_jaccard": mean_off_diagonal(overall["jaccard"]),
+        "sign_conflict_rate": overall["sign_conflict_rate"],
+        "union_over_mean_expert": overall["union_entries"] / (sum(overall["entries"]) / len(dirs)),
+    }
+
+
 class Harness:
     """Runs the whole experiment and returns a JSON-ready dict."""
 
@@ -194,7 +205,15 @@ class Harness:
     def run(self) -> dict:
         s = self.settings
         all_tasks = s.held_in + s.held_out
-        results: dict = {"individual": {}, "merged": {}, "merge_curve": {}, "lr_search": {}, "trainable_params": {}}
+        results: dict = {
+            "individual": {},
+            "merged": {},
+            "merge_curve": {},
+            "lr_search": {},
+            "trainable_params": {},
+            "mask_overlap": {},
+            "test_items": {t: len(_eval_split(self.tasks[t], "test", s.max_eval)) for t in all_tasks},
+        }
         results["individual"]["base"] = self.cached_scores("base", ["base"], lambda: self.base, all_tasks)
         methods = [parse_method(m) for m in s.methods if m != "base"]
         for method in tqdm(methods, desc="methods"):
@@ -206,6 +225,8 @@ class Harness:
             first = self.cache.path(method, self.tasks[s.held_in[0]], lr, s)
             results["trainable_params"][method.name] = json.loads((first / "done.json").read_text())["trainable_params"]
             dirs = [str(self.cache.path(method, self.tasks[t], lr, s)) for t in s.held_in]
+            if method.kind == "sparse":
+                results["mask_overlap"][method.name] = mask_overlap(dirs)
             for combination in MERGES.get(method.kind, ()):
                 results["merged"][f"{method.name}:{combination}"] = self.merged_scores(
                     method, dirs, combination, all_tasks

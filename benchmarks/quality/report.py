@@ -20,6 +20,23 @@ def _pct(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.1f}"
 
 
+def _sampling_error(test_items: dict[str, int], held_in: list[str]) -> list[str]:
+    """One line on how far test-set sampling alone moves the scores (binomial SE at 50 %, the worst case)."""
+    sizes = [test_items[t] for t in held_in if test_items.get(t)]
+    if not sizes:
+        return []
+    per_task = 50 / min(sizes) ** 0.5
+    per_mean = 50 * sum(1 / n for n in sizes) ** 0.5 / len(sizes)
+    return [
+        f"Each held-in score rests on {min(sizes)}–{max(sizes)} test items: one standard error is at most"
+        f" {per_task:.1f} pts for a task and {per_mean:.1f} pts for the held-in mean, so smaller gaps are noise."
+    ]
+
+
+def _fixed(value: float | None, digits: int) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
 def claims(results: dict, held_in: list[str]) -> list[dict]:
     """The issue's bar, evaluated on these results (None where a method was not run)."""
     ind = {m: _mean(s, held_in) for m, s in results["individual"].items()}
@@ -70,6 +87,7 @@ def markdown(results: dict, header: dict) -> str:
         f" {header.get('experts_trained_by_this_command', '?')} experts (others came from the expert cache).",
         "",
         "Scores are test accuracy in %. Chance is 1/K (K candidates per item).",
+        *_sampling_error(results.get("test_items", {}), held_in),
         "",
         "## Single-task experts (held-in tasks)",
         "",
@@ -98,6 +116,16 @@ def markdown(results: dict, header: dict) -> str:
         merged_in = _mean(scores, held_in)
         ratio = "" if not own or merged_in is None else f"{100 * merged_in / own:.1f}"
         lines.append(f"| {label} | {_pct(merged_in)} | {_pct(_mean(scores, held_out))} | {ratio} |")
+    if results["merged"]:
+        lines += [
+            "",
+            "## Merged models on each held-in task",
+            "",
+            "| model | " + " | ".join(held_in) + " |",
+            "|---|" + "---:|" * len(held_in),
+        ]
+        for label, scores in results["merged"].items():
+            lines.append(f"| {label} | " + " | ".join(_pct(scores.get(t)) for t in held_in) + " |")
     if held_out:
         lines += [
             "",
@@ -120,6 +148,21 @@ def markdown(results: dict, header: dict) -> str:
         for label, curve in results["merge_curve"].items():
             curve = {int(k): v for k, v in curve.items()}
             lines.append(f"| {label} | " + " | ".join(_pct(curve.get(n)) for n in sizes) + " |")
+    if results.get("mask_overlap"):
+        lines += [
+            "",
+            "## Mask overlap of the held-in sparse experts",
+            "",
+            "Identical masks make `sparse_average` plain averaging (each delta diluted n-fold); disjoint masks keep",
+            "every expert's delta whole. Union ÷ expert = entries of the merged adapter per entry of one expert.",
+            "",
+            "| method | mean pairwise Jaccard | sign conflicts on shared entries | union ÷ expert |",
+            "|---|---:|---:|---:|",
+        ]
+        for method, info in results["mask_overlap"].items():
+            cells = [_fixed(info["mean_jaccard"], 3), _fixed(info["sign_conflict_rate"], 3)]
+            cells.append(_fixed(info["union_over_mean_expert"], 2))
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "## The bar (from this run)",
