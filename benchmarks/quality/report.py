@@ -173,10 +173,19 @@ def markdown(results: dict, header: dict) -> str:
     for row in claims(results, held_in):
         held = "n/a" if row["held"] is None else ("yes" if row["held"] else "**NO**")
         lines.append(f"| {row['claim']} | {_pct(row['lhs'])} | {_pct(row['rhs'])} | {held} | {row['detail']} |")
-    lines += ["", "## Learning-rate search (validation accuracy, first held-in tasks)", ""]
+    lines += [
+        "",
+        "## Learning-rate search (validation accuracy, first held-in tasks)",
+        "",
+        "A grid whose best rate is on an edge is extended one half-decade past it (once per side).",
+        "",
+    ]
     for method, search in results["lr_search"].items():
         grid = ", ".join(f"{lr}: {_pct(v)}" for lr, v in search["grid"].items())
-        lines.append(f"- {method}: {grid} → **{search['best_lr']:g}** (tasks: {', '.join(search['tasks'])})")
+        edges = {1: "up", -1: "down"}
+        extended = ", ".join(f"extended {edges[side]}" for side in search.get("extended", []))
+        tasks = ", ".join(search["tasks"]) + (f"; {extended}" if extended else "")
+        lines.append(f"- {method}: {grid} → **{search['best_lr']:g}** (tasks: {tasks})")
     return "\n".join(lines) + "\n"
 
 
