@@ -33,6 +33,12 @@ def _sampling_error(test_items: dict[str, int], held_in: list[str]) -> list[str]
     ]
 
 
+def _per_task_table(title: str, rows, tasks: list[str]) -> list[str]:
+    """A Markdown section: one row per model, one column per task."""
+    lines = ["", f"## {title}", "", "| model | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks)]
+    return lines + [f"| {label} | " + " | ".join(_pct(scores.get(t)) for t in tasks) + " |" for label, scores in rows]
+
+
 def _fixed(value: float | None, digits: int) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
@@ -117,25 +123,10 @@ def markdown(results: dict, header: dict) -> str:
         ratio = "" if not own or merged_in is None else f"{100 * merged_in / own:.1f}"
         lines.append(f"| {label} | {_pct(merged_in)} | {_pct(_mean(scores, held_out))} | {ratio} |")
     if results["merged"]:
-        lines += [
-            "",
-            "## Merged models on each held-in task",
-            "",
-            "| model | " + " | ".join(held_in) + " |",
-            "|---|" + "---:|" * len(held_in),
-        ]
-        for label, scores in results["merged"].items():
-            lines.append(f"| {label} | " + " | ".join(_pct(scores.get(t)) for t in held_in) + " |")
+        lines += _per_task_table("Merged models on each held-in task", results["merged"].items(), held_in)
     if held_out:
-        lines += [
-            "",
-            "## Held-out tasks (never trained on)",
-            "",
-            "| model | " + " | ".join(held_out) + " |",
-            "|---|" + "---:|" * len(held_out),
-        ]
-        for label, scores in [("base", base), *results["merged"].items()]:
-            lines.append(f"| {label} | " + " | ".join(_pct(scores.get(t)) for t in held_out) + " |")
+        rows = [("base", base), *results["merged"].items()]
+        lines += _per_task_table("Held-out tasks (never trained on)", rows, held_out)
     if results["merge_curve"]:
         sizes = sorted({int(n) for c in results["merge_curve"].values() for n in c})
         lines += [
