@@ -56,7 +56,7 @@ PRESETS = {
         ],
         lr_grid={},
         merge_sizes=[2, 4],
-        lr_search_tasks=1,
+        lr_search_tasks=2,
     ),
     "full": dict(
         held_in=None,
