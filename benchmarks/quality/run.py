@@ -31,10 +31,11 @@ PRESETS = {
     "reduced": dict(
         held_in=4,
         held_out=2,
-        steps=60,
+        steps=40,
         max_eval=128,
-        methods=["base", "lora", "sparse-magnitude"],
-        lr_grid={"lora": [1e-3], "sparse": [3e-3]},
+        methods=["base", "lora", "sparse-gradient"],
+        # the rates the --medium run's search chose for these two methods (docs/quality.md)
+        lr_grid={"lora": [3e-3], "sparse": [1e-3]},
         merge_sizes=[2],
         lr_search_tasks=1,
     ),
