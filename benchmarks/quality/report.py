@@ -133,12 +133,21 @@ def markdown(results: dict, header: dict) -> str:
             "",
             "## Merged held-in score vs number of merged experts",
             "",
+            "The first n held-in experts merged, scored on those n tasks; in brackets, % of the same experts' own"
+            " mean (the tasks differ in difficulty, so the retention is the comparable number).",
+            "",
             "| merge | " + " | ".join(str(n) for n in sizes) + " |",
             "|---|" + "---:|" * len(sizes),
         ]
         for label, curve in results["merge_curve"].items():
             curve = {int(k): v for k, v in curve.items()}
-            lines.append(f"| {label} | " + " | ".join(_pct(curve.get(n)) for n in sizes) + " |")
+            own = results["individual"].get(label.split(":")[0], {})
+            cells = []
+            for n in sizes:
+                experts = _mean(own, held_in[:n])
+                kept = f" ({100 * curve[n] / experts:.1f} %)" if n in curve and experts else ""
+                cells.append(_pct(curve.get(n)) + kept)
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
     if results.get("mask_overlap"):
         lines += [
             "",
