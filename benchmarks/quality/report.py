@@ -201,6 +201,13 @@ def _save_figure(fig, path: Path) -> None:
             os.unlink(tmp)
 
 
+def _zoom(ax) -> None:
+    """Start the y axis a little below the lowest bar or line, so differences of a few points are visible."""
+    heights = [patch.get_height() for patch in ax.patches] + [line.get_ydata()[0] for line in ax.get_lines()]
+    if heights:
+        ax.set_ylim(max(0.0, min(heights) - 5), min(100.0, max(heights) + 3))
+
+
 def plots(results: dict, header: dict, out: Path, prefix: str) -> list[Path]:
     import matplotlib
 
@@ -218,6 +225,7 @@ def plots(results: dict, header: dict, out: Path, prefix: str) -> list[Path]:
             [j + i * width for j in range(len(held_in))], [100 * scores.get(t, 0) for t in held_in], width, label=method
         )
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(held_in))], held_in, rotation=30, ha="right")
+    _zoom(ax)
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("Single-task experts")
     ax.legend(fontsize=7, ncol=2)
@@ -243,7 +251,11 @@ def plots(results: dict, header: dict, out: Path, prefix: str) -> list[Path]:
                 0.3,
                 label="merged, held-out",
             )
-        ax.axhline(100 * (_mean(results["individual"]["base"], held_in) or 0), color="gray", ls="--", label="base")
+        base = results["individual"]["base"]
+        ax.axhline(100 * (_mean(base, held_in) or 0), color="gray", ls="--", label="base, held-in")
+        if held_out:
+            ax.axhline(100 * (_mean(base, held_out) or 0), color="gray", ls=":", label="base, held-out")
+        _zoom(ax)
         ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
         ax.set_ylabel("mean accuracy (%)")
         ax.set_title("Merged vs individual experts")
