@@ -241,18 +241,17 @@ def merge_entrywise(
     denominator = torch.zeros(union.numel(), dtype=compute, device=device) if average else None
     start = 0
     for idx, val, weight in zip(flat, values, weights, strict=True):
-        rows = inverse[start : start + idx.numel()] if inverse is not None else None
-        start += idx.numel()
         contribution = val.to(device=device, dtype=compute) * weight
-        if rows is None:
+        if inverse is None:  # every expert stores exactly the union, in order
             merged += contribution
-        else:
-            merged.index_add_(0, rows, contribution)
-        if denominator is not None:
-            if rows is None:
+            if denominator is not None:
                 denominator += weight
-            else:
+        else:
+            rows = inverse[start : start + idx.numel()]
+            merged.index_add_(0, rows, contribution)
+            if denominator is not None:
                 denominator.index_add_(0, rows, torch.full((idx.numel(),), weight, dtype=compute, device=device))
+        start += idx.numel()
     if denominator is not None:
         if bool((denominator == 0).any()):
             raise ValueError("sparse_average: the weights of the experts storing some entry sum to 0")

@@ -133,6 +133,6 @@ def test_lr_search_keeps_a_single_fixed_rate():
 
 def test_fixed_learning_rates_from_the_command_line():
     assert fixed_rates(["lora-mlp=3e-3", "sparse=1e-3"]) == {"lora-mlp": [3e-3], "sparse": [1e-3]}
-    for bad in ("lora", "lora=", "=1e-3", "lora=fast", "lora=-1"):
+    for bad in ("lora", "lora=", "=1e-3", "lora=fast", "lora=-1", "lora=nan", "lora=inf"):
         with pytest.raises(SystemExit, match="METHOD=RATE"):
             fixed_rates([bad])

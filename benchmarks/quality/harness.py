@@ -245,9 +245,9 @@ class Harness:
             lr = search["best_lr"]
             scores = {t: self.expert_score(method, self.tasks[t], lr, "test") for t in s.held_in}
             results["individual"][method.name] = scores
-            first = self.cache.path(method, self.tasks[s.held_in[0]], lr, s)
-            results["trainable_params"][method.name] = json.loads((first / "done.json").read_text())["trainable_params"]
             dirs = [str(self.cache.path(method, self.tasks[t], lr, s)) for t in s.held_in]
+            info = json.loads((Path(dirs[0]) / "done.json").read_text())
+            results["trainable_params"][method.name] = info["trainable_params"]
             if method.kind == "sparse":
                 results["mask_overlap"][method.name] = mask_overlap(dirs)
             for combination in MERGES.get(method.kind, ()):

@@ -9,6 +9,7 @@ encoder path works with ``--model``; user tasks come from a directory of JSONL f
 from __future__ import annotations
 
 import argparse
+import math
 import shlex
 import sys
 import time
@@ -126,8 +127,8 @@ def fixed_rates(pairs: list[str]) -> dict[str, list[float]]:
         try:
             value = float(rate)
         except ValueError:
-            value = 0.0
-        if not name or value <= 0:
+            value = math.nan
+        if not name or not (math.isfinite(value) and value > 0):
             raise SystemExit(f"--lr {pair!r}: expected METHOD=RATE with a positive rate, e.g. lora=3e-3")
         rates[name] = [value]
     return rates
