@@ -179,7 +179,9 @@ def test_mismatched_expert_refused_library_unchanged(fake_lib, tmp_path, kwargs,
 
 
 def test_base_model_override(fake_lib, tmp_path):
-    fake_lib.add(write_adapter(tmp_path / "p", seed=8, base_model_name_or_path="/local/fake"), "p", base_model="fake/model")
+    fake_lib.add(
+        write_adapter(tmp_path / "p", seed=8, base_model_name_or_path="/local/fake"), "p", base_model="fake/model"
+    )
     assert fake_lib.entry("p")["base_model"] == "fake/model"
 
 
@@ -335,7 +337,9 @@ def _edit(root: Path, fn) -> None:
         (lambda root: _edit(root, lambda d: d["experts"][0].update(path="experts/e0/../../x")), "relative path"),
         (lambda root: shutil.rmtree(root / "experts" / "e1"), "is missing"),
         (
-            lambda root: next((root / "experts" / "e2").iterdir()).joinpath("adapter_model.safetensors").write_bytes(b"x"),
+            lambda root: (
+                next((root / "experts" / "e2").iterdir()).joinpath("adapter_model.safetensors").write_bytes(b"x")
+            ),
             "modified or truncated",
         ),
     ],
@@ -408,3 +412,39 @@ def test_cache_recomputes_damaged_file_and_checks_arguments(fake_lib):
         fake_lib.cached("k", ["nope"], {}, lambda: {})
     with pytest.raises(TypeError, match=r"dict\[str, torch.Tensor\]"):
         fake_lib.cached("k2", ["e0"], {}, lambda: {"v": [1, 2]})
+
+
+def test_failed_load_rolls_back_added_adapters(tmp_path, monkeypatch):
+    library = ExpertLibrary(tmp_path / "lib", create=True)
+    for i, name in enumerate(["one", "two", "three"]):
+        library.add(saved(tmp_path, name, seed=i), name)
+    host = PeftModel.from_pretrained(tiny_llama(), library.adapter_dir("one"), adapter_name="own")
+    real = PeftModel.load_adapter
+
+    def fail_on_three(self, model_id, adapter_name, *args, **kwargs):
+        if adapter_name == "three":
+            raise RuntimeError("load failed (simulated)")
+        return real(self, model_id, adapter_name, *args, **kwargs)
+
+    monkeypatch.setattr(PeftModel, "load_adapter", fail_on_three)
+    with pytest.raises(RuntimeError, match="simulated"):
+        library.load_into(host, ["one", "two", "three"])
+    assert set(host.peft_config) == {"own"} and host.active_adapter == "own"
+    base = tiny_llama()
+    with pytest.raises(RuntimeError, match="simulated"):
+        library.load_into(base, ["two", "three"])
+    assert not any("sparse_adapter" in n for n, _ in base.named_modules())
+
+
+def test_from_hub_opens_the_snapshot(fake_lib, monkeypatch):
+    import huggingface_hub
+
+    seen = {}
+
+    def fake_snapshot(repo_id, revision=None, **kwargs):
+        seen.update(repo_id=repo_id, revision=revision)
+        return str(fake_lib.root)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
+    library = ExpertLibrary.from_hub("user/experts", revision="v1")
+    assert library.names() == ["e0", "e1", "e2"] and seen == {"repo_id": "user/experts", "revision": "v1"}
