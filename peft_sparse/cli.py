@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -125,15 +126,22 @@ def _library(args: argparse.Namespace) -> int:
                 metrics = json.loads(args.metrics)
             except json.JSONDecodeError as error:
                 raise LibraryError(f"--metrics is not valid JSON ({error})") from error
-        library = ExpertLibrary(args.library, create=True)
-        library.add(
-            args.source,
-            args.name,
-            task=args.task,
-            metrics=metrics,
-            overwrite=args.overwrite,
-            base_model=args.base_model,
-        )
+        root = Path(args.library)
+        created = not root.exists()
+        library = ExpertLibrary(root, create=True)
+        try:
+            library.add(
+                args.source,
+                args.name,
+                task=args.task,
+                metrics=metrics,
+                overwrite=args.overwrite,
+                base_model=args.base_model,
+            )
+        except BaseException:
+            if created:  # a failed first add leaves no empty library behind
+                shutil.rmtree(root, ignore_errors=True)
+            raise
         print(f"added {args.name!r} to {args.library} ({len(library)} experts)")
         return 0
     library = ExpertLibrary(args.library)

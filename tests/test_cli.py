@@ -357,6 +357,12 @@ def test_library_and_cluster_errors_exit_2_and_change_nothing(tmp_path, capsys, 
     assert (lib / "library.json").read_bytes() == before and not (tmp_path / "out").exists()
 
 
+def test_failed_first_add_creates_no_library(tmp_path, capsys):
+    bad = write_adapter(tmp_path / "bad", seed=0, tensors={"base_model.model.head.modules_to_save.w": torch.ones(1)})
+    assert main(["library", "add", str(tmp_path / "lib"), str(bad), "--name", "x"]) == 2
+    assert "modules_to_save" in capsys.readouterr().err and not (tmp_path / "lib").exists()
+
+
 def test_cluster_command(tmp_path, capsys):
     lib = tmp_path / "lib"
     for i in range(4):
