@@ -399,14 +399,16 @@ class ExpertLibrary:
         if not experts.is_dir():
             return
         referenced = {PurePosixPath(e["path"]).parts[1:] for e in self._entries()}
+        names = {name for name, _ in referenced}
         for child in experts.iterdir():
-            if child.is_dir() and (child.name,) not in {r[:1] for r in referenced}:
-                shutil.rmtree(child, ignore_errors=True)
-                continue
             if not child.is_dir():
-                continue
-            for version in child.iterdir():
-                if (child.name, version.name) not in referenced:
+                child.unlink(missing_ok=True)
+            elif child.name not in names:  # staging leftovers and removed experts
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                for version in child.iterdir():
+                    if (child.name, version.name) in referenced:
+                        continue
                     if version.is_dir():
                         shutil.rmtree(version, ignore_errors=True)
                     else:
@@ -481,8 +483,15 @@ class ExpertLibrary:
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
             self._manifest = manifest
+            self._clean_up()
+
+    def _clean_up(self) -> None:
+        """After a committed change: delete unreferenced files and stale cache (failures only warn)."""
+        try:
             self._collect_garbage()
             self.prune_cache()
+        except OSError as error:
+            warnings.warn(f"{self.root}: could not remove leftovers ({error}); the next write retries", stacklevel=3)
 
     def _stage(self, source: Any, adapter_name: str, staging: Path) -> Path:
         """Copy or save the source adapter into ``staging``; return the directory holding its files."""
@@ -535,8 +544,7 @@ class ExpertLibrary:
                 manifest.update(base_model=None, targets=None, targets_digest=None)
             self._write_manifest(manifest)
             self._manifest = manifest
-            self._collect_garbage()
-            self.prune_cache()
+            self._clean_up()
 
     # --- loading ------------------------------------------------------------------------------------------------
     def load_into(self, model: Any, names: Sequence[str] | None = None, *, is_trainable: bool = False) -> Any:
