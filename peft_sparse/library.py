@@ -207,6 +207,21 @@ class ExpertLibrary:
 
         return cls(snapshot_download(repo_id, revision=revision, **kwargs))
 
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> Any:
+        """Upload the library as a Hub repository of plain files (``huggingface_hub.upload_folder``).
+
+        One commit mirrors the library: remote files under ``experts/`` and ``cache/`` that are no longer in
+        the local library are deleted (``delete_patterns``). The write lock and staging leftovers are not
+        uploaded. ``kwargs`` go to ``upload_folder`` (e.g. ``commit_message``, ``revision``); the repository
+        must exist (``huggingface_hub.create_repo``).
+        """
+        from huggingface_hub import upload_folder
+
+        ignore = list(kwargs.pop("ignore_patterns", None) or [])
+        ignore += [LOCK_NAME, f"{EXPERTS_DIR}/.staging-*", "**/.*.tmp"]
+        kwargs.setdefault("delete_patterns", [f"{EXPERTS_DIR}/**", f"{CACHE_DIR}/**"])
+        return upload_folder(folder_path=str(self.root), repo_id=repo_id, ignore_patterns=ignore, **kwargs)
+
     # --- reading ------------------------------------------------------------------------------------------------
     def _read_manifest(self) -> dict[str, Any]:
         """Parse and fully validate ``library.json``."""

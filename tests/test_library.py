@@ -448,3 +448,14 @@ def test_from_hub_opens_the_snapshot(fake_lib, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
     library = ExpertLibrary.from_hub("user/experts", revision="v1")
     assert library.names() == ["e0", "e1", "e2"] and seen == {"repo_id": "user/experts", "revision": "v1"}
+
+
+def test_push_to_hub_uploads_plain_files_without_lock(fake_lib, monkeypatch):
+    import huggingface_hub
+
+    seen = {}
+    monkeypatch.setattr(huggingface_hub, "upload_folder", lambda **kwargs: seen.update(kwargs))
+    fake_lib.push_to_hub("user/experts", commit_message="add experts")
+    assert seen["folder_path"] == str(fake_lib.root) and seen["repo_id"] == "user/experts"
+    assert ".library.lock" in seen["ignore_patterns"] and seen["commit_message"] == "add experts"
+    assert seen["delete_patterns"] == ["experts/**", "cache/**"]  # replaced versions do not linger remotely
