@@ -278,3 +278,11 @@ def test_library_input_caches_similarity_and_adds_cluster_experts(tmp_path, monk
     assert entry["metrics"]["mbc_members"] == result.clusters[0]
     with pytest.raises(ValueError, match="already has"):
         cluster_experts(library, 2, names=[d.name for d in dirs], add_to=library, cluster_prefix="mbc-", progress=False)
+
+
+def test_all_zero_expert_is_named_and_dissimilar(tmp_path):
+    dirs, _ = planted(tmp_path, groups=2, per_group=2)
+    zero = write_entries(tmp_path / "zero", {n: (torch.arange(4), torch.zeros(4)) for n in SHAPES})
+    with pytest.warns(UserWarning, match=r"all-zero delta.*\['zero'\]"):
+        result = cluster_experts([*dirs, zero], 2, progress=False)
+    assert result.similarity[4].tolist() == [0.0, 0.0, 0.0, 0.0, 1.0]
