@@ -179,7 +179,10 @@ def render_similarity_png(result: ClusterResult) -> bytes:
     fig = Figure(figsize=(size + 1.5, size), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots()
-    image = axes.imshow(matrix, vmin=-1.0, vmax=1.0, cmap="RdBu_r")
+    # colours span the off-diagonal range (trained experts are often only ~0.1 similar); the diagonal saturates
+    off_diagonal = abs(matrix[~torch.eye(n, dtype=torch.bool).numpy()]) if n > 1 else abs(matrix).ravel()
+    limit = float(off_diagonal.max()) if off_diagonal.size and off_diagonal.max() > 0 else 1.0
+    image = axes.imshow(matrix, vmin=-limit, vmax=limit, cmap="RdBu_r")
     labels = [f"{result.names[i]} [{result.labels[i]}]" for i in order]
     if n <= 60:
         axes.set_xticks(range(n), labels, rotation=90, fontsize=7)
@@ -190,7 +193,7 @@ def render_similarity_png(result: ClusterResult) -> bytes:
         axes.axvline(b - 0.5, color="black", linewidth=1)
     silhouette = "n/a" if result.silhouette is None else f"{result.silhouette:.3f}"
     axes.set_title(f"expert cosine similarity, {result.num_clusters} clusters (silhouette {silhouette})")
-    fig.colorbar(image, ax=axes, shrink=0.8)
+    fig.colorbar(image, ax=axes, shrink=0.8, label="cosine similarity (scale: largest off-diagonal |value|)")
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
     return buffer.getvalue()
