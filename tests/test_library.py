@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -459,3 +460,39 @@ def test_push_to_hub_uploads_plain_files_without_lock(fake_lib, monkeypatch):
     assert seen["folder_path"] == str(fake_lib.root) and seen["repo_id"] == "user/experts"
     assert ".library.lock" in seen["ignore_patterns"] and seen["commit_message"] == "add experts"
     assert seen["delete_patterns"] == ["experts/**", "cache/**"]  # replaced versions do not linger remotely
+
+
+def test_concurrent_adds_from_two_processes_keep_every_expert(fake_lib, tmp_path):
+    """Both processes open the library, wait at a barrier, then interleave their adds."""
+    sources = {
+        f"p{p}x{i}": write_adapter(tmp_path / f"p{p}x{i}", seed=20 + 4 * p + i) for p in range(2) for i in range(4)
+    }
+    go = tmp_path / "go"
+    scripts = []
+    for p in range(2):
+        mine = {name: str(path) for name, path in sources.items() if name.startswith(f"p{p}")}
+        scripts.append(
+            textwrap.dedent(
+                f"""
+                import pathlib, time
+                from peft_sparse.library import ExpertLibrary
+                library = ExpertLibrary({str(fake_lib.root)!r})  # opened before the other process writes
+                pathlib.Path({str(tmp_path / f"ready{p}")!r}).touch()
+                while not pathlib.Path({str(go)!r}).exists():
+                    time.sleep(0.01)
+                for name, path in {mine!r}.items():
+                    library.add(path, name)
+                    time.sleep(0.05)
+                """
+            )
+        )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "HF_HUB_OFFLINE": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", s], env=env) for s in scripts]
+    deadline = time.monotonic() + 240
+    while not all((tmp_path / f"ready{p}").exists() for p in range(2)):
+        assert time.monotonic() < deadline and all(proc.poll() is None for proc in procs)
+        time.sleep(0.05)
+    go.touch()
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    names = ExpertLibrary(fake_lib.root).names()
+    assert sorted(names) == sorted(["e0", "e1", "e2", *sources]) and names[:3] == ["e0", "e1", "e2"]
