@@ -26,7 +26,7 @@ import torch
 from . import adapter_files, merging
 from .adapter_files import AdapterFormatError, SparseAdapterFile
 from .files import atomic_write_bytes
-from .library import ExpertLibrary
+from .library import ExpertLibrary, check_expert_name
 from .similarity import cosine_from_gram, entry_positions, sparse_gram, top_fraction_threshold
 
 RESULT_NAME = "clusters.json"
@@ -76,7 +76,6 @@ def _resolve_experts(
 ) -> tuple[list[str], list[Path], ExpertLibrary | None]:
     if isinstance(experts, ExpertLibrary):
         selected = experts._select(names)
-        experts.verify(selected)
         return selected, [experts.adapter_dir(n) for n in selected], experts
     if isinstance(experts, str | os.PathLike):
         raise TypeError("experts must be a list of adapter directories or an ExpertLibrary, not one path")
@@ -140,12 +139,24 @@ def expert_similarity(
     return {"similarity": cosine_from_gram(gram), "gram": gram}
 
 
-def _kmeans_labels(similarity: torch.Tensor, k: int, seed: int) -> list[int]:
-    """k-means (scikit-learn, ``n_init=10``) on the similarity rows, relabelled by first appearance."""
+def _require_sklearn() -> None:
     try:
-        from sklearn.cluster import KMeans
+        import sklearn  # noqa: F401
     except ImportError as error:
         raise ImportError("clustering needs scikit-learn: pip install 'peft-sparse[cluster]'") from error
+
+
+def _require_matplotlib() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as error:
+        raise ImportError("the similarity plot needs matplotlib: pip install 'peft-sparse[cluster]'") from error
+
+
+def _kmeans_labels(similarity: torch.Tensor, k: int, seed: int) -> list[int]:
+    """k-means (scikit-learn, ``n_init=10``) on the similarity rows, relabelled by first appearance."""
+    from sklearn.cluster import KMeans
+
     rows = similarity.numpy()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"Number of distinct clusters")  # reported via num_clusters
@@ -167,11 +178,10 @@ def _silhouette(similarity: torch.Tensor, labels: list[int]) -> float | None:
 
 def render_similarity_png(result: ClusterResult) -> bytes:
     """PNG bytes of the similarity matrix with experts ordered by cluster (matplotlib Agg, no pyplot state)."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError as error:
-        raise ImportError("plotting needs matplotlib: pip install matplotlib") from error
+    _require_matplotlib()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     n = len(result.names)
     order = sorted(range(n), key=lambda i: (result.labels[i], i))
     matrix = result.similarity[order][:, order].numpy()
@@ -237,7 +247,9 @@ def cluster_experts(
         raise ValueError("no experts to cluster")
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
         raise ValueError(f"k must be an integer with 1 <= k <= {n} (the number of experts), got {k!r}")
-    if sparsify_top is not None and not (isinstance(sparsify_top, int | float) and 0.0 < sparsify_top <= 1.0):
+    if sparsify_top is not None and (
+        isinstance(sparsify_top, bool) or not isinstance(sparsify_top, int | float) or not 0.0 < sparsify_top <= 1.0
+    ):
         raise ValueError(f"sparsify_top must be None or in (0, 1], got {sparsify_top!r}")
     unknown = sorted(set(merge_kwargs) - set(MERGE_OPTIONS))
     if unknown:
@@ -255,9 +267,12 @@ def cluster_experts(
         if taken:
             raise ValueError(f"library {add_to.root} already has {taken}; pass overwrite=True to replace them")
     if add_to is not None:
-        from .library import check_expert_name
-
         check_expert_name(f"{cluster_prefix}0")
+    _require_sklearn()
+    if plot is not None:
+        _require_matplotlib()
+    if library is not None:
+        library.verify(labels_in)
 
     with ExitStack() as stack:
         adapters = [stack.enter_context(SparseAdapterFile(d)) for d in dirs]

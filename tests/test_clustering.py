@@ -286,3 +286,21 @@ def test_all_zero_expert_is_named_and_dissimilar(tmp_path):
     with pytest.warns(UserWarning, match=r"all-zero delta.*\['zero'\]"):
         result = cluster_experts([*dirs, zero], 2, progress=False)
     assert result.similarity[4].tolist() == [0.0, 0.0, 0.0, 0.0, 1.0]
+
+
+def test_missing_scikit_learn_is_reported_before_any_work(tmp_path, monkeypatch):
+    import builtins
+
+    dirs, _ = planted(tmp_path / "in", groups=2, per_group=1)
+    real_import = builtins.__import__
+
+    def no_sklearn(name, *args, **kwargs):
+        if name == "sklearn" or name.startswith("sklearn."):
+            raise ImportError("No module named 'sklearn'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_sklearn)
+    monkeypatch.setattr(clustering_module, "expert_similarity", lambda *a, **k: pytest.fail("computed"))
+    with pytest.raises(ImportError, match=r"pip install 'peft-sparse\[cluster\]'"):
+        cluster_experts(dirs, 1, out_dir=tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
