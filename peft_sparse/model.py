@@ -98,6 +98,7 @@ class SparseAdapterModel(BaseTuner):
                         f"entries_pattern[{key!r}] = {peft_config.entries_pattern[key]} exceeds {capacity} positions"
                     )
         planned = plan_budget(peft_config, new_shapes) if new_shapes else {}
+        quantized.keep_bnb_training_layout(model)  # all checks passed: gradients must pass every 4-bit layer
         peft_config.entries_pattern.update(planned)
         for key, shape in new_shapes.items():
             peft_config.weight_shapes[key] = list(shape)

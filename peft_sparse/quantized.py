@@ -138,8 +138,43 @@ def logical_shape(base_layer: nn.Module) -> tuple[int, int]:
     return int(base_layer.out_features), int(base_layer.in_features)
 
 
+def restore_canonical_layout(base_layer: nn.Module) -> None:
+    """Undo bitsandbytes' CPU repacking of a 4-bit weight, in place, so it dequantizes correctly.
+
+    On CPUs with AVX512-BF16, bitsandbytes repacks a ``Linear4bit`` weight for its CPU kernel on the first eval
+    forward without gradients (absmax rounded to bf16); PEFT's dequantization does not read that layout, and
+    bitsandbytes' kernel for it gives no input gradient. This is the inverse bitsandbytes itself applies before
+    saving; its next eval forward without gradients repacks the weight.
+    """
+    weight = getattr(base_layer, "weight", None)
+    state = getattr(weight, "quant_state", None)
+    if state is not None and getattr(state, "packing_format_for_cpu", False):
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
+
+
+def keep_bnb_training_layout(model: nn.Module) -> int:
+    """Keep every bitsandbytes 4-bit layer of ``model`` in its training layout on CPU; returns how many.
+
+    bitsandbytes' CPU repacking (see :func:`restore_canonical_layout`) loses the input gradient: after one eval
+    forward without gradients, gradients stop at every repacked layer, silently for bias-free layers. Training
+    adapters needs them, so the repacking is turned off (``support_avx512bf16_for_cpu = False``; inference on CPU
+    then runs bitsandbytes' dequantize + fp32 matmul path instead of its bf16 kernel). GPUs are unaffected.
+    """
+    changed = 0
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if type(weight).__name__ == "Params4bit" and hasattr(module, "support_avx512bf16_for_cpu"):
+            restore_canonical_layout(module)
+            module.support_avx512bf16_for_cpu = False
+            changed += 1
+    return changed
+
+
 def dequantized_weight(backend: Any, base_layer: nn.Module) -> torch.Tensor:
     """The logical weight as a plain float tensor of :func:`logical_shape` (a transient copy)."""
+    restore_canonical_layout(base_layer)
     weight = backend.get_base_weight(base_layer)
     return weight.detach().reshape(logical_shape(base_layer))
 
