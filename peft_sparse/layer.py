@@ -181,8 +181,8 @@ class SparseAdapterLayer(BaseTunerLayer):
 
     def merged_weight_is_finite(self, adapter_names: list[str]) -> bool:
         """Whether merging ``adapter_names`` keeps the weight finite (computed on a copy)."""
-        source = self.logical_weight().float() if self.quantization_backend is not None else self.get_base_layer().weight
-        trial = source.data.clone()
+        quantized_base = self.quantization_backend is not None
+        trial = (self.logical_weight().float() if quantized_base else self.get_base_layer().weight.data).clone()
         for name in adapter_names:
             if name in self.sparse_adapter_values:
                 self._add_to_weight(name, 1.0, trial)

@@ -129,9 +129,8 @@ def scattered(layer, adapter: str = "default") -> torch.Tensor:
     for k, b in enumerate(layer.sparse_adapter_indices[adapter].tolist()):
         r0, c0 = (b // grid_cols) * block, (b % grid_cols) * block
         h, w = min(block, rows - r0), min(block, cols - c0)
-        delta[r0 : r0 + h, c0 : c0 + w] = values[k * block * block : (k + 1) * block * block].view(block, block)[
-            :h, :w
-        ]
+        block_values = values[k * block * block : (k + 1) * block * block].view(block, block)
+        delta[r0 : r0 + h, c0 : c0 + w] = block_values[:h, :w]
     return delta * layer.scaling[adapter]
 
 
@@ -207,6 +206,16 @@ def test_calibrated_masks_match_a_dense_dequantized_reference(model_dir, kind, s
             assert overlap > 0.9, f"{name}: only {overlap:.0%} of the dense top-k chosen"
         else:
             assert_is_top_k(layer.sparse_adapter_indices["default"], scores, k)
+        assert not layer.sparse_adapter_values["default"].any()
+
+
+def test_warmup_calibration_runs_on_a_quantized_base(model_dir):
+    model = adapted("bnb4", model_dir, mask_init="warmup", warmup_steps=2)
+    counts = calibrate_masks(model, lm_batches(2, seed=1), progress=False)
+    for name, layer in sparse_layers(model).items():
+        indices = layer.sparse_adapter_indices["default"]
+        assert counts[name] == indices.numel() == model.peft_config["default"].entries_pattern[name]
+        assert int(indices.max()) < layer.out_features * layer.in_features
         assert not layer.sparse_adapter_values["default"].any()
 
 
@@ -295,6 +304,24 @@ def test_training_step_gives_gradients_to_values_only(model_dir, kind):
     assert all(not torch.equal(p.detach(), before[n]) for n, p in trainable.items())
 
 
+@pytest.mark.parametrize("kind", ["bnb4", "torchao"])
+def test_weighted_combination_of_two_adapters_on_a_quantized_base(model_dir, kind):
+    model = adapted(kind, model_dir, mask_init="random", seed=1)
+    model.add_adapter("second", SparseAdapterConfig(target_modules=TARGETS, keep_ratio=0.05, mask_init="random"))
+    set_random_values(model, std=0.05)
+    model.add_weighted_adapter(["default", "second"], [0.5, 2.0], "combined", combination_type="linear")
+    model.set_adapter("combined")
+    layer = sparse_layers(model)[UP1]
+    assert layer.sparse_adapter_indices["combined"].numel() > layer.sparse_adapter_indices["default"].numel()
+    expected_delta = 0.5 * scattered(layer, "default") + 2.0 * scattered(layer, "second")
+    torch.testing.assert_close(scattered(layer, "combined"), expected_delta)
+    x = torch.randn(2, 64)
+    with torch.no_grad():
+        out = layer(x)
+    expected = x @ (dequantized(layer.get_base_layer()) + expected_delta).T
+    torch.testing.assert_close(out, expected, atol=tolerance(kind), rtol=1e-3)
+
+
 # --- merging -----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", KINDS)
 def test_merge_requantizes_the_exact_sum_and_matches_the_dense_reference(model_dir, kind):
@@ -302,7 +329,7 @@ def test_merge_requantizes_the_exact_sum_and_matches_the_dense_reference(model_d
     set_random_values(model, std=0.05)
     layers = sparse_layers(model)
     exact = {name: dequantized(layer.get_base_layer()) + scattered(layer) for name, layer in layers.items()}
-    types = {name: (type(layer.get_base_layer()), type(layer.get_base_layer().weight)) for name, layer in layers.items()}
+    types = {name: (type(m.get_base_layer()), type(m.get_base_layer().weight)) for name, m in layers.items()}
     before = logits(model)
     merged = model.merge_and_unload()
     modules = dict(merged.named_modules())
