@@ -2,11 +2,13 @@
 
     python -m benchmarks.quantized precision [--out benchmarks/results/quantized_precision.json]
     python -m benchmarks.quantized timing [--quick] [--steps 5] [--out benchmarks/results/quantized_timing.json]
+    python -m benchmarks.quantized bnb-shapes
 
 ``precision`` merges random sparse deltas (LoRA r=16 count, magnitude masks, every attention + MLP linear) into a
 Llama loaded through transformers' quantizers and measures what requantization does to them. ``timing`` runs the
 training step of the performance benchmark (``benchmarks.perf``: its Llama spec, AdamW, interleaved rounds,
 medians) with the base quantized: frozen lower bound, LoRA r=16, sparse unstructured and block-32.
+``bnb-shapes`` compares bitsandbytes' 4-bit quantization error per weight shape with an NF4 reference written here.
 """
 
 from __future__ import annotations
@@ -182,6 +184,36 @@ def run_timing(quick: bool, steps: int, warmup: int, out: Path | None) -> dict[s
     return results
 
 
+NF4_CODES = (
+    -1.0, -0.6962, -0.5251, -0.3949, -0.2844, -0.1848, -0.0911, 0.0, 0.0796, 0.1609, 0.2461, 0.3379, 0.4407, 0.5626,
+    0.7230, 1.0,
+)  # fmt: skip
+
+
+def run_bnb_shapes(shapes=((256, 256), (256, 672), (256, 680), (256, 688), (256, 704), (688, 256))) -> None:
+    """Relative error of bitsandbytes NF4 vs a blockwise NF4 reference, and how much requantizing changes it."""
+    import bitsandbytes as bnb
+
+    def nf4(weight: torch.Tensor) -> torch.Tensor:
+        params = bnb.nn.Params4bit(weight.clone(), requires_grad=False, quant_type="nf4", compress_statistics=False)
+        params = params.to("cpu")
+        return bnb.functional.dequantize_4bit(params.data, params.quant_state)
+
+    code = torch.tensor(NF4_CODES)
+    print("| shape | relative error (bitsandbytes) | relative error (NF4 reference) | requantization change |")
+    print("|---|---|---|---|")
+    for shape in shapes:
+        weight = torch.randn(*shape, generator=torch.Generator().manual_seed(0)) * 0.02
+        blocks = weight.flatten().view(-1, 64)
+        absmax = blocks.abs().max(1, keepdim=True).values
+        reference = (code[((blocks / absmax).unsqueeze(-1) - code).abs().argmin(-1)] * absmax).view(shape)
+        once = nf4(weight)
+        twice = nf4(once)
+        errors = [(once - weight).norm() / weight.norm(), (reference - weight).norm() / weight.norm()]
+        change = (twice - once).norm() / once.norm()
+        print(f"| {shape[0]}×{shape[1]} | {float(errors[0]):.3f} | {float(errors[1]):.3f} | {float(change):.3f} |")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -192,10 +224,13 @@ def main(argv: list[str] | None = None) -> None:
     timing.add_argument("--steps", type=int, default=5)
     timing.add_argument("--warmup", type=int, default=2)
     timing.add_argument("--out", type=Path)
+    sub.add_parser("bnb-shapes", help="bitsandbytes 4-bit quantization error per weight shape")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     if args.command == "precision":
         run_precision(args.out)
+    elif args.command == "bnb-shapes":
+        run_bnb_shapes()
     else:
         run_timing(args.quick, args.steps, args.warmup, args.out)
 
