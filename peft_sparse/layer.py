@@ -164,9 +164,6 @@ class SparseAdapterLayer(BaseTunerLayer):
     # --- merge ---------------------------------------------------------------------------------------------
     def _add_to_weight(self, adapter_name: str, sign: float, weight: torch.Tensor | None = None) -> torch.Tensor:
         positions, values = self.flat_delta(adapter_name)
-        if weight is None and self.quantization_backend is not None:
-            # dequantize -> exact fp32 index add -> requantize into the same type (rounds once, see quantized.py)
-            return quantized.add_and_requantize(self, positions, sign * values.detach())
         base = self.get_base_layer().weight
         target = base.data if weight is None else weight
         flat = target.view(-1)
@@ -178,6 +175,13 @@ class SparseAdapterLayer(BaseTunerLayer):
         # half types: add in fp32 and round once, so bf16/fp16 merges match W + ΔW
         flat[positions] = (flat[positions].float() + delta.float()).to(flat.dtype)
         return target
+
+    def _add_to_quantized_weight(self, adapter_names: list[str], sign: float) -> None:
+        """Dequantize → exact fp32 index add of all ``adapter_names`` → requantize into the same type (one rounding)."""
+        deltas = [self.flat_delta(name) for name in adapter_names]
+        positions = torch.cat([p.long() for p, _ in deltas])
+        values = torch.cat([v.detach().float().to(positions.device) for _, v in deltas])
+        quantized.add_and_requantize(self, positions, sign * values)  # index_add: shared positions accumulate
 
     def merged_weight_is_finite(self, adapter_names: list[str]) -> bool:
         """Whether merging ``adapter_names`` keeps the weight finite (computed on a copy)."""
@@ -196,6 +200,10 @@ class SparseAdapterLayer(BaseTunerLayer):
             return
         if safe_merge and not self.merged_weight_is_finite(adapter_names):
             raise ValueError(f"NaNs detected in the merged weights; the adapters {adapter_names} seem to be broken")
+        if self.quantization_backend is not None:
+            self._add_to_quantized_weight(adapter_names, 1.0)
+            self.merged_adapters.extend(adapter_names)
+            return
         for name in adapter_names:
             self._add_to_weight(name, 1.0)
             self.merged_adapters.append(name)
@@ -203,6 +211,12 @@ class SparseAdapterLayer(BaseTunerLayer):
     def unmerge(self) -> None:
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+            return
+        if self.quantization_backend is not None:
+            names = [n for n in reversed(self.merged_adapters) if n in self.sparse_adapter_values]
+            if names:
+                self._add_to_quantized_weight(names, -1.0)
+            self.merged_adapters.clear()
             return
         while self.merged_adapters:
             name = self.merged_adapters.pop()

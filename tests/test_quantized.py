@@ -372,6 +372,20 @@ def test_merge_equals_quantizing_the_dense_sum_directly(model_dir, kind):
     assert torch.equal(merged, dequantized(fresh))
 
 
+def test_merging_two_adapters_rounds_once(model_dir):
+    model = adapted("torchao", model_dir, target_modules=["q_proj"], mask_init="random", seed=2)
+    model.add_adapter("second", SparseAdapterConfig(target_modules=["q_proj"], keep_ratio=0.05, mask_init="random"))
+    set_random_values(model, std=0.05)
+    layer = sparse_layers(model)[Q0]
+    target = dequantized(layer.get_base_layer()) + scattered(layer, "default") + scattered(layer, "second")
+    model.base_model.merge_adapter(["default", "second"])
+    assert layer.merged_adapters == ["default", "second"]
+    fresh = nn.Linear(64, 64, bias=False)
+    fresh.weight = nn.Parameter(target.clone(), requires_grad=False)
+    torchao_quantization.quantize_(fresh, torchao_quantization.Int8WeightOnlyConfig())
+    assert torch.equal(dequantized(layer.get_base_layer()), dequantized(fresh))
+
+
 @pytest.mark.parametrize("kind", ["bnb4", "bnb8", "torchao"])
 def test_unmerge_returns_close_to_the_original_weight(model_dir, kind):
     model = adapted(kind, model_dir, mask_init="random", seed=4)
