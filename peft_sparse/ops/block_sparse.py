@@ -171,117 +171,87 @@ def apply_block_delta(
     return target.view(tokens, n_dst * b)[:, :width]
 
 
-class _BlockSparseLinear(torch.autograd.Function):
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx,
-        x: torch.Tensor,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        values: torch.Tensor,
-        block_indices: torch.Tensor,
-        block_size: int,
-        scaling: float,
-        transposed: bool,
-    ) -> torch.Tensor:
-        shape = tuple(weight.shape)
-        merged = _scatter_blocks(weight, values, block_indices, block_size, shape, scaling, weight.dtype)
-        out = F.linear(x, merged.T if transposed else merged, bias)
-        ctx.save_for_backward(x, weight, values, block_indices)
-        ctx.block_size, ctx.scaling, ctx.transposed = block_size, scaling, transposed  # type: ignore[attr-defined]
-        return out
-
-    @staticmethod
-    def backward(
-        ctx: torch.autograd.function.FunctionCtx, g: torch.Tensor
-    ) -> tuple[torch.Tensor | None, ...]:
-        x, weight, values, block_indices = ctx.saved_tensors  # type: ignore[attr-defined]
-        block_size, scaling, transposed = ctx.block_size, ctx.scaling, ctx.transposed  # type: ignore[attr-defined]
-        shape = tuple(weight.shape)
-        grad_x = grad_values = None
-        if ctx.needs_input_grad[0]:  # type: ignore[attr-defined]
-            merged = _scatter_blocks(weight, values, block_indices, block_size, shape, scaling, weight.dtype)
-            grad_x = dense_grad_x(g, merged, transposed, x.dtype)
-            del merged
-        if ctx.needs_input_grad[3]:  # type: ignore[attr-defined]
-            x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
-            rows_op, cols_op = grad_operands(x2, g2, transposed)
-            grad_values = block_grads(
-                rows_op, cols_op, block_indices, block_size, shape, scaling, values.dtype
-            )
-        return grad_x, None, None, grad_values, None, None, None, None
-
-
-def block_sparse_linear(
+def linear_forward(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     values: torch.Tensor,
     block_indices: torch.Tensor,
     block_size: int,
-    scaling: float = 1.0,
-    transposed: bool = False,
+    scaling: float,
+    transposed: bool,
 ) -> torch.Tensor:
-    """Adapted output ``x @ S_eff^T + b`` (``x @ S_eff + b`` if ``transposed``), block-sparse ΔS, one GEMM."""
-    return _BlockSparseLinear.apply(
-        x, weight, bias, values, block_indices, int(block_size), float(scaling), bool(transposed)
-    )
+    """Adapted output ``x @ S_eff^T + b`` (``x @ S_eff + b`` if ``transposed``) with block-sparse ΔS, one GEMM
+    in the promoted dtype of weight and values, returned in ``x``'s dtype."""
+    work = torch.promote_types(weight.dtype, values.dtype)
+    merged = _scatter_blocks(weight, values, block_indices, block_size, tuple(weight.shape), scaling, work)
+    bias = None if bias is None else bias.to(work)
+    return F.linear(x.to(work), merged.T if transposed else merged, bias).to(x.dtype)
 
 
-class _BlockSparseDelta(torch.autograd.Function):
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx,
-        x: torch.Tensor,
-        values: torch.Tensor,
-        block_indices: torch.Tensor,
-        block_size: int,
-        shape: tuple[int, int],
-        scaling: float,
-        transposed: bool,
-    ) -> torch.Tensor:
-        dtype = torch.promote_types(x.dtype, values.dtype)
-        x2 = x.reshape(-1, x.shape[-1])
-        out = apply_block_delta(x2, values, block_indices, block_size, shape, scaling, not transposed, dtype)
-        ctx.save_for_backward(x, values, block_indices)
-        ctx.block_size, ctx.shape = block_size, shape  # type: ignore[attr-defined]
-        ctx.scaling, ctx.transposed = scaling, transposed  # type: ignore[attr-defined]
-        return out.reshape(*x.shape[:-1], out.shape[-1])
-
-    @staticmethod
-    def backward(
-        ctx: torch.autograd.function.FunctionCtx, g: torch.Tensor
-    ) -> tuple[torch.Tensor | None, ...]:
-        x, values, block_indices = ctx.saved_tensors  # type: ignore[attr-defined]
-        block_size, shape = ctx.block_size, ctx.shape  # type: ignore[attr-defined]
-        scaling, transposed = ctx.scaling, ctx.transposed  # type: ignore[attr-defined]
-        g2 = g.reshape(-1, g.shape[-1])
-        grad_x = grad_values = None
-        if ctx.needs_input_grad[0]:  # type: ignore[attr-defined]
-            dtype = torch.promote_types(g.dtype, values.dtype)
-            grad_x = apply_block_delta(
-                g2, values, block_indices, block_size, shape, scaling, transposed, dtype
-            )
-            grad_x = grad_x.to(x.dtype).reshape(x.shape)
-        if ctx.needs_input_grad[1]:  # type: ignore[attr-defined]
-            rows_op, cols_op = grad_operands(x.reshape(-1, x.shape[-1]), g2, transposed)
-            grad_values = block_grads(
-                rows_op, cols_op, block_indices, block_size, shape, scaling, values.dtype
-            )
-        return grad_x, grad_values, None, None, None, None, None
+def linear_backward(
+    g: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    values: torch.Tensor,
+    block_indices: torch.Tensor,
+    block_size: int,
+    scaling: float,
+    transposed: bool,
+    need_x: bool,
+    need_values: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of :func:`linear_forward` for ``x`` and ``values`` (``None`` where not needed)."""
+    shape = tuple(weight.shape)
+    grad_x = grad_values = None
+    if need_x:
+        work = torch.promote_types(weight.dtype, values.dtype)
+        merged = _scatter_blocks(weight, values, block_indices, block_size, shape, scaling, work)
+        grad_x = dense_grad_x(g, merged, transposed, x.dtype)
+        del merged
+    if need_values:
+        x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+        rows_op, cols_op = grad_operands(x2, g2, transposed)
+        grad_values = block_grads(rows_op, cols_op, block_indices, block_size, shape, scaling, values.dtype)
+    return grad_x, grad_values
 
 
-def block_sparse_delta(
+def delta_forward(
     x: torch.Tensor,
     values: torch.Tensor,
     block_indices: torch.Tensor,
     block_size: int,
     shape: tuple[int, int],
-    scaling: float = 1.0,
-    transposed: bool = False,
+    scaling: float,
+    transposed: bool,
 ) -> torch.Tensor:
-    """Only the block adapter term ``x @ ΔS^T`` (``x @ ΔS`` if ``transposed``); dtype as ``sparse_delta``."""
-    shape = (int(shape[0]), int(shape[1]))
-    return _BlockSparseDelta.apply(
-        x, values, block_indices, int(block_size), shape, float(scaling), bool(transposed)
-    )
+    """Only the block adapter term ``x @ ΔS^T`` (``x @ ΔS`` if ``transposed``), in ``promote_types(x, values)``."""
+    dtype = torch.promote_types(x.dtype, values.dtype)
+    x2 = x.reshape(-1, x.shape[-1])
+    out = apply_block_delta(x2, values, block_indices, block_size, shape, scaling, not transposed, dtype)
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def delta_backward(
+    g: torch.Tensor,
+    x: torch.Tensor,
+    values: torch.Tensor,
+    block_indices: torch.Tensor,
+    block_size: int,
+    shape: tuple[int, int],
+    scaling: float,
+    transposed: bool,
+    need_x: bool,
+    need_values: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of :func:`delta_forward` for ``x`` and ``values`` (``None`` where not needed)."""
+    g2 = g.reshape(-1, g.shape[-1])
+    grad_x = grad_values = None
+    if need_x:
+        dtype = torch.promote_types(g.dtype, values.dtype)
+        grad_x = apply_block_delta(g2, values, block_indices, block_size, shape, scaling, transposed, dtype)
+        grad_x = grad_x.to(x.dtype).reshape(x.shape)
+    if need_values:
+        rows_op, cols_op = grad_operands(x.reshape(-1, x.shape[-1]), g2, transposed)
+        grad_values = block_grads(rows_op, cols_op, block_indices, block_size, shape, scaling, values.dtype)
+    return grad_x, grad_values
