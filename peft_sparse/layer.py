@@ -34,11 +34,15 @@ def storage_shape(base_layer: nn.Module) -> tuple[int, int]:
     return tuple(base_layer.weight.shape)  # type: ignore[return-value]
 
 
-def _check_after_load(layer: SparseAdapterLayer, incompatible_keys: Any) -> None:
-    """``load_state_dict`` post-hook: validate every adapter of ``layer`` right after new state was loaded."""
+def _check_before_load(layer: SparseAdapterLayer, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    """``load_state_dict`` pre-hook: refuse corrupt incoming adapter state before this layer loads any of it."""
     for name in list(layer.sparse_adapter_values):
-        if name in layer.sparse_adapter_indices:
-            layer.check_adapter(name)
+        index_key, value_key = f"{prefix}sparse_adapter_indices.{name}", f"{prefix}sparse_adapter_values.{name}"
+        if index_key not in state_dict and value_key not in state_dict:
+            continue
+        indices = state_dict.get(index_key, layer.sparse_adapter_indices[name])
+        values = state_dict.get(value_key, layer.sparse_adapter_values[name])
+        layer.check_state(name, indices, values)
 
 
 class SparseAdapterLayer(BaseTunerLayer):
@@ -65,7 +69,7 @@ class SparseAdapterLayer(BaseTunerLayer):
         self.module_name: str | None = kwargs.get("module_name")  # for error messages
         self.kwargs = kwargs
         if isinstance(self, nn.Module):
-            self.register_load_state_dict_post_hook(_check_after_load)
+            self.register_load_state_dict_pre_hook(_check_before_load)
 
     # --- adapter state -------------------------------------------------------------------------------------
     def update_layer(
@@ -132,8 +136,12 @@ class SparseAdapterLayer(BaseTunerLayer):
 
         Runs when the state is set: ``update_layer``, ``set_mask``, ``load_state_dict`` (and PEFT's checkpoint
         loading, which checks the file before loading it), never inside a compiled forward."""
-        indices = self.sparse_adapter_indices[adapter_name]
-        values = self.sparse_adapter_values[adapter_name]
+        indices, values = self.sparse_adapter_indices[adapter_name], self.sparse_adapter_values[adapter_name]
+        self.check_state(adapter_name, indices, values)
+        self._validated[adapter_name] = self._state_key(adapter_name)
+
+    def check_state(self, adapter_name: str, indices: torch.Tensor, values: torch.Tensor) -> None:
+        """Raise a ``ValueError`` naming the layer if ``indices`` / ``values`` are not a valid state for it."""
         where = self._where(adapter_name)
         masks.check_indices(indices, self.num_positions(adapter_name), None, where)
         if values.dim() != 1 or values.numel() != indices.numel() * self.entry_width(adapter_name):
@@ -141,7 +149,6 @@ class SparseAdapterLayer(BaseTunerLayer):
                 f"{where}: {values.numel()} values do not fit {indices.numel()} indices "
                 f"x {self.entry_width(adapter_name)} values each"
             )
-        self._validated[adapter_name] = self._state_key(adapter_name)
 
     def _check_if_changed(self, adapter_name: str) -> None:
         """Eager-only: re-check an adapter whose index buffer was replaced or written since its last check."""
