@@ -100,9 +100,7 @@ def test_compiled_ops_match_eager_and_reference_without_graph_breaks(kind, block
 @pytest.mark.parametrize("block", [0, 2], ids=["unstructured", "block2"])
 def test_opcheck_schema_fake_and_autograd_registrations(block) -> None:
     shape, weight, bias, x, values, indices = _op_inputs(False, block or None)
-    torch.library.opcheck(
-        torch.ops.peft_sparse.linear.default, (x, weight, bias, values, indices, block, 0.5, False)
-    )
+    torch.library.opcheck(torch.ops.peft_sparse.linear.default, (x, weight, bias, values, indices, block, 0.5, False))
     torch.library.opcheck(
         torch.ops.peft_sparse.delta.default, (x, values, indices, block, shape[0], shape[1], 0.5, False)
     )
@@ -158,8 +156,9 @@ def test_training_compiles_like_lora(block_size) -> None:
 
 @pytest.mark.parametrize("block_size", [None, 4], ids=["unstructured", "block4"])
 def test_compiled_training_step_matches_eager(block_size) -> None:
-    config = SparseAdapterConfig(target_modules=["q_proj", "v_proj", "down_proj"], keep_ratio=0.1,
-                                 block_size=block_size)
+    config = SparseAdapterConfig(
+        target_modules=["q_proj", "v_proj", "down_proj"], keep_ratio=0.1, block_size=block_size
+    )
     models = []
     for _ in range(2):
         model = get_peft_model(tiny_llama(), config)

@@ -146,9 +146,7 @@ def apply_block_delta(
     grid_rows, grid_cols = _grid(shape, b)
     tokens = x2.shape[0]
     # x @ ΔS^T: input blocks follow the block column, output the block row; x @ ΔS the other way round.
-    n_src, n_dst, width = (
-        (grid_cols, grid_rows, shape[0]) if right_transposed else (grid_rows, grid_cols, shape[1])
-    )
+    n_src, n_dst, width = (grid_cols, grid_rows, shape[0]) if right_transposed else (grid_rows, grid_cols, shape[1])
     count = block_indices.numel()
     if count == 0 or tokens == 0:
         return torch.zeros(tokens, width, dtype=dtype, device=x2.device)
