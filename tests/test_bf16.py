@@ -99,3 +99,36 @@ def test_merging_small_deltas_into_a_half_precision_weight_rounds_once(dtype, bl
     expected = (before.float() + dense).to(dtype)  # W + ΔW computed exactly, rounded once
     assert torch.equal(weight.detach(), expected)
     assert not torch.equal(weight.detach(), before)  # the larger deltas do move the weight
+
+
+@pytest.mark.parametrize("block_size", [None, 4], ids=["unstructured", "block4"])
+def test_autocast_runs_the_fused_layer_like_a_dense_merged_linear(block_size) -> None:
+    """Under ``torch.autocast`` (Trainer's ``bf16=True``) on fp32 weights, the fused op composes ``W + ΔW`` in fp32,
+    rounds it once and runs a bf16 GEMM, exactly what ``F.linear`` does for a dense merged weight; compiled too."""
+    model, layer = _model(torch.float32, 1e-3, block_size)
+    x = torch.randn(8, 32, generator=torch.Generator().manual_seed(3))
+    merged = layer.get_base_layer().weight.detach() + dense_delta(layer, "default")
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = torch.nn.functional.linear(x, merged)
+        got = model(x)
+        got_compiled = compiled(x)
+    assert got.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(got_compiled, want, rtol=0, atol=0)
+
+
+def test_autocast_delta_path_stays_fp32_and_compiles() -> None:
+    """Two active adapters take ``base(x) + delta``: under autocast the delta op still runs in fp32 (its fake and
+    real outputs agree, so the compiled graph matches eager)."""
+    model, layer = _model(torch.float32, 1e-3, None)
+    model.add_adapter("second", SparseAdapterConfig(target_modules=["proj"], keep_ratio=0.1, mask_init="random"))
+    model.base_model.set_adapter(["default", "second"])
+    x = torch.randn(8, 32, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        delta = layer.delta_output("default", x)
+        eager = model(x)
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)(x)
+    assert delta.dtype == torch.float32
+    torch.testing.assert_close(delta.double(), x.double() @ dense_delta(layer, "default").double().T)
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)

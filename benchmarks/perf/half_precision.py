@@ -4,7 +4,7 @@ The two exact options on one bf16 layer of the Llama benchmark shapes (1024 toke
 values), forward + backward, side by side in one process (interleaved rounds, process CPU time, 1 thread):
 
 - ``separate``: ``base(x)`` in bf16 plus the delta-only op in fp32, added to the output (what the layer does);
-- ``fused fp32``: compose ``W + ΔW`` in fp32 and run one fp32 GEMM (``sparse_linear`` with fp32 values);
+- ``fused fp32``: compose ``W + ΔW`` in fp32 and run one fp32 GEMM (``sparse_linear`` on fp32 ``x``);
 
 next to the frozen bf16 layer and the old lossy path (``W + ΔW`` composed in bf16). Both exact options keep a 1e-5
 delta that the lossy path rounds away (``tests/test_bf16.py`` holds the layer to an fp64 reference; the fused fp32
@@ -41,12 +41,14 @@ def _options(shape: tuple[int, int], generator: torch.Generator) -> dict:
     options = {
         "frozen bf16 layer": lambda: F.linear(x, weight),
         "unstructured, separate": lambda: F.linear(x, weight) + sparse_delta(x, values, idx, shape).bfloat16(),
-        "unstructured, fused fp32": lambda: sparse_linear(x, weight, None, values, idx),
+        "unstructured, fused fp32": lambda: sparse_linear(x.float(), weight, None, values, idx).bfloat16(),
         "unstructured, fused bf16 (lossy)": lambda: sparse_linear(x, weight, None, lossy, idx),
         "block 32, separate": lambda: (
             F.linear(x, weight) + block_sparse_delta(x, block_values, blocks, BLOCK, shape).bfloat16()
         ),
-        "block 32, fused fp32": lambda: block_sparse_linear(x, weight, None, block_values, blocks, BLOCK),
+        "block 32, fused fp32": lambda: block_sparse_linear(
+            x.float(), weight, None, block_values, blocks, BLOCK
+        ).bfloat16(),
         "block 32, fused bf16 (lossy)": lambda: block_sparse_linear(x, weight, None, lossy_blocks, blocks, BLOCK),
     }
     return {name: (fn, grad) for name, fn in options.items()}

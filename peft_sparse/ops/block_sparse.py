@@ -182,12 +182,13 @@ def linear_forward(
     scaling: float,
     transposed: bool,
 ) -> torch.Tensor:
-    """Adapted output ``x @ S_eff^T + b`` (``x @ S_eff + b`` if ``transposed``) with block-sparse ΔS, one GEMM
-    in the promoted dtype of weight and values, returned in ``x``'s dtype."""
+    """Adapted output ``x @ S_eff^T + b`` (``x @ S_eff + b`` if ``transposed``) with block-sparse ΔS: composed
+    in the promoted dtype of weight and values, one GEMM in ``x``'s dtype (as :func:`sparse_linear`)."""
     work = torch.promote_types(weight.dtype, values.dtype)
     merged = _scatter_blocks(weight, values, block_indices, block_size, tuple(weight.shape), scaling, work)
-    bias = None if bias is None else bias.to(work)
-    return F.linear(x.to(work), merged.T if transposed else merged, bias).to(x.dtype)
+    merged = merged.to(x.dtype)
+    bias = None if bias is None else bias.to(x.dtype)
+    return F.linear(x, merged.T if transposed else merged, bias)
 
 
 def linear_backward(
@@ -208,7 +209,7 @@ def linear_backward(
     if need_x:
         work = torch.promote_types(weight.dtype, values.dtype)
         merged = _scatter_blocks(weight, values, block_indices, block_size, shape, scaling, work)
-        grad_x = dense_grad_x(g, merged, transposed, x.dtype)
+        grad_x = dense_grad_x(g, merged.to(x.dtype), transposed, x.dtype)
         del merged
     if need_values:
         x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])

@@ -23,6 +23,17 @@ from . import sparse_linear as _flat
 _LIB = "peft_sparse"
 
 
+def _no_autocast(x: torch.Tensor) -> torch.autocast:
+    """Kernels run at their documented dtypes whatever autocast says, so the fake implementations stay exact."""
+    return torch.autocast(device_type=x.device.type, enabled=False)
+
+
+def _autocast_input(x: torch.Tensor) -> torch.Tensor:
+    """Under autocast the fused ops take ``x`` in the autocast dtype, as ``F.linear`` would."""
+    device = x.device.type
+    return x.to(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else x
+
+
 def _out_width(rows: int, cols: int, transposed: bool) -> int:
     """Output features of ``x @ ΔS^T`` (Linear layout, ``(out, in)``) or ``x @ ΔS`` (Conv1D, ``(in, out)``)."""
     return cols if transposed else rows
@@ -40,11 +51,12 @@ def _empty_like_if(needed: bool, like: torch.Tensor) -> torch.Tensor:
     "bool transposed) -> Tensor",
 )
 def _linear_op(x, weight, bias, values, indices, block_size, scaling, transposed):  # noqa: ANN001, ANN202
-    if block_size:
-        out = _block.linear_forward(x, weight, bias, values, indices, block_size, scaling, transposed)
-    else:
-        out = _flat.linear_forward(x, weight, bias, values, indices, scaling, transposed)
-    return out.contiguous()
+    with _no_autocast(x):
+        if block_size:
+            out = _block.linear_forward(x, weight, bias, values, indices, block_size, scaling, transposed)
+        else:
+            out = _flat.linear_forward(x, weight, bias, values, indices, scaling, transposed)
+        return out.contiguous()
 
 
 @_linear_op.register_fake
@@ -59,13 +71,14 @@ def _(x, weight, bias, values, indices, block_size, scaling, transposed):  # noq
     "bool transposed, bool need_x, bool need_values) -> (Tensor, Tensor)",
 )
 def _linear_backward_op(g, x, weight, values, indices, block_size, scaling, transposed, need_x, need_values):  # noqa: ANN001, ANN202
-    if block_size:
-        grads = _block.linear_backward(
-            g, x, weight, values, indices, block_size, scaling, transposed, need_x, need_values
-        )
-    else:
-        grads = _flat.linear_backward(g, x, weight, values, indices, scaling, transposed, need_x, need_values)
-    return _materialize(grads, x, values)
+    with _no_autocast(x):
+        if block_size:
+            grads = _block.linear_backward(
+                g, x, weight, values, indices, block_size, scaling, transposed, need_x, need_values
+            )
+        else:
+            grads = _flat.linear_backward(g, x, weight, values, indices, scaling, transposed, need_x, need_values)
+        return _materialize(grads, x, values)
 
 
 @_linear_backward_op.register_fake
@@ -99,11 +112,12 @@ _linear_op.register_autograd(_linear_grad, setup_context=_linear_setup)
     "bool transposed) -> Tensor",
 )
 def _delta_op(x, values, indices, block_size, rows, cols, scaling, transposed):  # noqa: ANN001, ANN202
-    if block_size:
-        out = _block.delta_forward(x, values, indices, block_size, (rows, cols), scaling, transposed)
-    else:
-        out = _flat.delta_forward(x, values, indices, (rows, cols), scaling, transposed)
-    return out.contiguous()
+    with _no_autocast(x):
+        if block_size:
+            out = _block.delta_forward(x, values, indices, block_size, (rows, cols), scaling, transposed)
+        else:
+            out = _flat.delta_forward(x, values, indices, (rows, cols), scaling, transposed)
+        return out.contiguous()
 
 
 @_delta_op.register_fake
@@ -119,14 +133,15 @@ def _(x, values, indices, block_size, rows, cols, scaling, transposed):  # noqa:
     "float scaling, bool transposed, bool need_x, bool need_values) -> (Tensor, Tensor)",
 )
 def _delta_backward_op(g, x, values, indices, block_size, rows, cols, scaling, transposed, need_x, need_values):  # noqa: ANN001, ANN202
-    shape = (rows, cols)
-    if block_size:
-        grads = _block.delta_backward(
-            g, x, values, indices, block_size, shape, scaling, transposed, need_x, need_values
-        )
-    else:
-        grads = _flat.delta_backward(g, x, values, indices, shape, scaling, transposed, need_x, need_values)
-    return _materialize(grads, x, values)
+    with _no_autocast(x):
+        shape = (rows, cols)
+        if block_size:
+            grads = _block.delta_backward(
+                g, x, values, indices, block_size, shape, scaling, transposed, need_x, need_values
+            )
+        else:
+            grads = _flat.delta_backward(g, x, values, indices, shape, scaling, transposed, need_x, need_values)
+        return _materialize(grads, x, values)
 
 
 @_delta_backward_op.register_fake
@@ -172,9 +187,10 @@ def sparse_linear(
 ) -> torch.Tensor:
     """Adapted layer output ``x @ S_eff^T + b`` (``x @ S_eff + b`` if ``transposed``), one GEMM.
 
-    ``S_eff = weight + scaling * scatter(values at indices)``, composed in ``promote_types(weight, values)``;
-    the result has ``x``'s dtype. Gradients flow to ``x`` and ``values`` only.
+    ``S_eff = weight + scaling * scatter(values at indices)``, composed in ``promote_types(weight, values)``,
+    multiplied in ``x``'s dtype (the autocast dtype under autocast). Gradients flow to ``x`` and ``values`` only.
     """
+    x = _autocast_input(x)
     return torch.ops.peft_sparse.linear(x, weight, bias, values, indices, 0, float(scaling), bool(transposed))
 
 
@@ -191,6 +207,7 @@ def block_sparse_linear(
     """Adapted output ``x @ S_eff^T + b`` (``x @ S_eff + b`` if ``transposed``), block-sparse ΔS, one GEMM."""
     if int(block_size) < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
+    x = _autocast_input(x)
     return torch.ops.peft_sparse.linear(
         x, weight, bias, values, block_indices, int(block_size), float(scaling), bool(transposed)
     )

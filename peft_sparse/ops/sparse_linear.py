@@ -123,12 +123,13 @@ def linear_forward(
     scaling: float,
     transposed: bool,
 ) -> torch.Tensor:
-    """``x @ S_eff^T + b`` (``x @ S_eff + b`` if ``transposed``), composed and multiplied in the promoted dtype
-    of weight and values, returned in ``x``'s dtype (so fp32 values on a bf16 weight are not rounded away)."""
-    work = torch.promote_types(weight.dtype, values.dtype)
-    merged = compose_weight(weight, values, indices, scaling, work)
-    bias = None if bias is None else bias.to(work)
-    return F.linear(x.to(work), merged.T if transposed else merged, bias).to(x.dtype)
+    """``x @ S_eff^T + b`` (``x @ S_eff + b`` if ``transposed``): ``S_eff`` composed in the promoted dtype of
+    weight and values (exact), then multiplied in ``x``'s dtype, like ``F.linear`` on a dense ``S_eff`` under
+    autocast (bf16 ``x`` on fp32 weights: one rounding of ``W + ΔW``, one bf16 GEMM)."""
+    merged = compose_weight(weight, values, indices, scaling, torch.promote_types(weight.dtype, values.dtype))
+    merged = merged.to(x.dtype)
+    bias = None if bias is None else bias.to(x.dtype)
+    return F.linear(x, merged.T if transposed else merged, bias)
 
 
 def linear_backward(
@@ -146,7 +147,7 @@ def linear_backward(
     grad_x = grad_values = None
     if need_x:
         merged = compose_weight(weight, values, indices, scaling, torch.promote_types(weight.dtype, values.dtype))
-        grad_x = dense_grad_x(g, merged, transposed, x.dtype)
+        grad_x = dense_grad_x(g, merged.to(x.dtype), transposed, x.dtype)
         del merged
     if need_values:
         x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
