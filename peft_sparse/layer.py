@@ -24,6 +24,12 @@ from .registration import BufferDict
 SUPPORTED_BASE_LAYERS = (nn.Linear, Conv1D)
 
 
+def adapter_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    """Dtype of new adapter values: fp32 on half-precision (and integer) bases, like PEFT's
+    ``autocast_adapter_dtype=True`` for LoRA, so small deltas are not rounded away; else the weight's."""
+    return weight_dtype if weight_dtype in (torch.float32, torch.float64) else torch.float32
+
+
 def storage_shape(base_layer: nn.Module, quantized_base: bool = False) -> tuple[int, int]:
     """Shape of the base weight's layout: (out, in) for Linear, (in, out) for Conv1D.
 
@@ -32,6 +38,17 @@ def storage_shape(base_layer: nn.Module, quantized_base: bool = False) -> tuple[
     if quantized_base:
         return quantized.logical_shape(base_layer)
     return tuple(base_layer.weight.shape)  # type: ignore[return-value]
+
+
+def _check_before_load(layer: SparseAdapterLayer, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    """``load_state_dict`` pre-hook: refuse corrupt incoming adapter state before this layer loads any of it."""
+    for name in list(layer.sparse_adapter_values):
+        index_key, value_key = f"{prefix}sparse_adapter_indices.{name}", f"{prefix}sparse_adapter_values.{name}"
+        if index_key not in state_dict and value_key not in state_dict:
+            continue
+        indices = state_dict.get(index_key, layer.sparse_adapter_indices[name])
+        values = state_dict.get(value_key, layer.sparse_adapter_values[name])
+        layer.check_state(name, indices, values)
 
 
 class SparseAdapterLayer(BaseTunerLayer):
@@ -61,6 +78,8 @@ class SparseAdapterLayer(BaseTunerLayer):
         self.in_features, self.out_features = (self.shape[0], self.shape[1]) if self.transposed else self.shape[::-1]
         self.module_name: str | None = kwargs.get("module_name")  # for error messages
         self.kwargs = kwargs
+        if isinstance(self, nn.Module):
+            self.register_load_state_dict_pre_hook(_check_before_load)
 
     # --- adapter state -------------------------------------------------------------------------------------
     def update_layer(
@@ -77,11 +96,9 @@ class SparseAdapterLayer(BaseTunerLayer):
             raise ValueError(f"adapter name {adapter_name!r} clashes with a container attribute; choose another")
         self.block_size[adapter_name] = block_size
         self.scaling[adapter_name] = 1.0
-        self._validated.pop(adapter_name, None)
         width = 1 if block_size is None else block_size**2
         weight = self.get_base_layer().weight
-        quantized_base = self.quantization_backend is not None
-        dtype = weight.dtype if weight.dtype.is_floating_point and not quantized_base else torch.float32
+        dtype = torch.float32 if self.quantization_backend is not None else adapter_dtype(weight.dtype)
         values = torch.zeros(indices.numel() * width, dtype=dtype, device=weight.device)
         if not init_weights:
             values.normal_(std=0.02)
@@ -90,16 +107,20 @@ class SparseAdapterLayer(BaseTunerLayer):
         if block_size is not None and not init_weights:
             self._zero_padding(adapter_name)
         self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.check_adapter(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
     def set_mask(self, adapter_name: str, indices: torch.Tensor) -> None:
-        """Replace the mask and reset the values to zero, keeping the same Parameter object (optimizer-safe)."""
+        """Replace the mask and reset the values to zero, keeping the same Parameter object (optimizer-safe).
+
+        Bad indices (out of range, unsorted, duplicated) are refused before anything changes."""
         values = self.sparse_adapter_values[adapter_name]
         width = self.entry_width(adapter_name)
+        masks.check_indices(indices, self.num_positions(adapter_name), None, self._where(adapter_name))
         self.sparse_adapter_indices[adapter_name] = indices.to(values.device)
         values.data = torch.zeros(indices.numel() * width, dtype=values.dtype, device=values.device)
         values.grad = None
-        self._validated.pop(adapter_name, None)
+        self._validated[adapter_name] = self._state_key(adapter_name)
 
     def entry_width(self, adapter_name: str) -> int:
         block = self.block_size[adapter_name]
@@ -113,22 +134,37 @@ class SparseAdapterLayer(BaseTunerLayer):
         if adapter in self.scaling:
             self.scaling[adapter] = scale
 
-    def check_adapter(self, adapter_name: str) -> None:
-        """Refuse corrupt state (indices out of range, unsorted, duplicated, or a count mismatch)."""
-        indices = self.sparse_adapter_indices[adapter_name]
-        values = self.sparse_adapter_values[adapter_name]
-        key = (id(indices), indices._version, values.numel())
-        if self._validated.get(adapter_name) == key:
-            return
+    def _where(self, adapter_name: str) -> str:
         layer = f"{type(self.get_base_layer()).__name__}{tuple(self.shape)}"
-        where = f"sparse adapter {adapter_name!r} on {f'{self.module_name} ({layer})' if self.module_name else layer}"
+        return f"sparse adapter {adapter_name!r} on {f'{self.module_name} ({layer})' if self.module_name else layer}"
+
+    def _state_key(self, adapter_name: str) -> tuple[int, int, int]:
+        indices = self.sparse_adapter_indices[adapter_name]
+        return id(indices), indices._version, self.sparse_adapter_values[adapter_name].numel()
+
+    def check_adapter(self, adapter_name: str) -> None:
+        """Refuse corrupt state (indices out of range, unsorted, duplicated, or a count mismatch).
+
+        Runs when the state is set: ``update_layer``, ``set_mask``, ``load_state_dict`` (and PEFT's checkpoint
+        loading, which checks the file before loading it), never inside a compiled forward."""
+        indices, values = self.sparse_adapter_indices[adapter_name], self.sparse_adapter_values[adapter_name]
+        self.check_state(adapter_name, indices, values)
+        self._validated[adapter_name] = self._state_key(adapter_name)
+
+    def check_state(self, adapter_name: str, indices: torch.Tensor, values: torch.Tensor) -> None:
+        """Raise a ``ValueError`` naming the layer if ``indices`` / ``values`` are not a valid state for it."""
+        where = self._where(adapter_name)
         masks.check_indices(indices, self.num_positions(adapter_name), None, where)
         if values.dim() != 1 or values.numel() != indices.numel() * self.entry_width(adapter_name):
             raise ValueError(
                 f"{where}: {values.numel()} values do not fit {indices.numel()} indices "
                 f"x {self.entry_width(adapter_name)} values each"
             )
-        self._validated[adapter_name] = key
+
+    def _check_if_changed(self, adapter_name: str) -> None:
+        """Eager-only: re-check an adapter whose index buffer was replaced or written since its last check."""
+        if self._validated.get(adapter_name) != self._state_key(adapter_name):
+            self.check_adapter(adapter_name)
 
     def _zero_padding(self, adapter_name: str) -> None:
         block = self.block_size[adapter_name]
@@ -138,7 +174,7 @@ class SparseAdapterLayer(BaseTunerLayer):
 
     def flat_delta(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Flat storage positions and scaled values of the adapter's real entries (padding dropped)."""
-        self.check_adapter(adapter_name)
+        self._check_if_changed(adapter_name)
         indices = self.sparse_adapter_indices[adapter_name]
         values = self.sparse_adapter_values[adapter_name] * self.scaling[adapter_name]
         block = self.block_size[adapter_name]
@@ -229,7 +265,11 @@ class SparseAdapterLayer(BaseTunerLayer):
         return bool(base._forward_hooks or base._forward_pre_hooks or base._backward_hooks or base._backward_pre_hooks)
 
     def sparse_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """Base output plus the active adapters' sparse deltas (or the plain base when disabled/merged)."""
+        """Base output plus the active adapters' sparse deltas (or the plain base when disabled/merged).
+
+        Reads only guard-friendly Python state (active names, ``block_size``, ``scaling``, ``shape``,
+        ``transposed``) and calls one custom op per adapter, so ``torch.compile`` traces it without graph breaks.
+        """
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
@@ -239,8 +279,11 @@ class SparseAdapterLayer(BaseTunerLayer):
         active = [a for a in self.active_adapters if a in self.sparse_adapter_values]
         if not active:
             return self.base_layer(x, *args, **kwargs)
-        for name in active:
-            self.check_adapter(name)
+        if not torch.compiler.is_compiling():
+            # eager safety net for loaders that write buffers directly (transformers' own adapter loader);
+            # validation proper happens at update_layer / set_mask / load_state_dict time
+            for name in active:
+                self._check_if_changed(name)
         base = self.get_base_layer()
         fused = (
             len(active) == 1
@@ -250,29 +293,49 @@ class SparseAdapterLayer(BaseTunerLayer):
             and not self._has_hooks()
             and self.quantization_backend is None  # quantized: base kernel + delta, never a dequantized W
         )
-        if fused:
-            return self._adapter_output(active[0], x, base.weight, base.bias)
+        if fused and self._fusable(active[0]):
+            return self.fused_output(active[0], x)
         result = self.base_layer(x, *args, **kwargs)
         for name in active:
-            result = result + self._adapter_output(name, x, None, None).to(result.dtype)
+            result = result + self.delta_output(name, x).to(result.dtype)
         return result
 
-    def _adapter_output(
-        self, name: str, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None
+    def _fusable(self, name: str) -> bool:
+        """One GEMM on ``W + ΔW`` when the weight is a plain float tensor in the values' dtype."""
+        weight = self.get_base_layer().weight
+        return type(weight) in (torch.Tensor, nn.Parameter) and weight.dtype == self.sparse_adapter_values[name].dtype
+
+    def fused_output(
+        self, name: str, x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Full output ``x @ (W + ΔW)`` when ``weight`` is given, else only the delta ``x @ ΔW``."""
+        """``x @ (W + ΔW) + b`` in one GEMM (``W``, ``b``: the base layer's unless given)."""
+        if weight is None:
+            weight, bias = self.get_base_layer().weight, self.get_base_layer().bias
         values = self.sparse_adapter_values[name]
         indices = self.sparse_adapter_indices[name]
         block = self.block_size[name]
         scale = self.scaling[name]
-        x = x.to(values.dtype) if weight is None else x
-        if weight is not None:
-            if block is None:
-                return sparse_linear(x, weight, bias, values, indices, scale, self.transposed)
-            return block_sparse_linear(x, weight, bias, values, indices, block, scale, self.transposed)
+        if block is None:
+            return sparse_linear(x, weight, bias, values, indices, scale, self.transposed)
+        return block_sparse_linear(x, weight, bias, values, indices, block, scale, self.transposed)
+
+    def delta_output(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """Only the adapter term ``x @ ΔW`` of adapter ``name``, in ``promote_types(x, values)`` (fp32 values on
+        a half-precision base keep small deltas). Never reads the base weight: ``base(x) + delta_output`` works
+        for any base layer (several adapters, hooked or quantized bases)."""
+        values = self.sparse_adapter_values[name]
+        indices = self.sparse_adapter_indices[name]
+        block = self.block_size[name]
+        scale = self.scaling[name]
         if block is None:
             return sparse_delta(x, values, indices, self.shape, scale, self.transposed)
         return block_sparse_delta(x, values, indices, block, self.shape, scale, self.transposed)
+
+    def _adapter_output(
+        self, name: str, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Full output ``x @ (W + ΔW) + b`` when ``weight`` is given, else only the delta ``x @ ΔW``."""
+        return self.delta_output(name, x) if weight is None else self.fused_output(name, x, weight, bias)
 
 
 class Linear(nn.Module, SparseAdapterLayer):

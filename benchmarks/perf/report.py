@@ -122,6 +122,17 @@ SWAP_TARGETS = [
 ]
 
 
+# Step targets repeated on every other base (bf16, quantized): the same methods, measured the same way.
+VARIANT_TARGETS = [
+    _step("step_vs_shira", "step: unstructured / SHiRA", 0.8, "sparse", "shira"),
+    _step("block_step_vs_lora", "step: block 32 / LoRA r=8", 1.0, "sparse_block32", "lora_r8"),
+    _step("step_vs_lower_bound", "step: unstructured / frozen lower bound", 1.25, "sparse", methods.LOWER_BOUND),
+    _step(
+        "block_step_vs_lower_bound", "step: block 32 / frozen lower bound", 1.25, "sparse_block32", methods.LOWER_BOUND
+    ),
+]
+
+
 def evaluate_targets(data: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
 
@@ -151,6 +162,10 @@ def evaluate_targets(data: dict[str, Any]) -> list[dict[str, Any]]:
     for name, model in data["models"].items():
         for target in MODEL_TARGETS:
             add(target, name, model)
+        for variant_name, variant in model.get("base_variants", {}).items():
+            for target in VARIANT_TARGETS:
+                if all(m in variant["methods"] for m in target.paired or ()):
+                    add(target, f"{name}, {variant_name} base", variant)
     for target in SWAP_TARGETS:
         add(target, "one square weight", data)
     return rows
@@ -213,6 +228,24 @@ def model_table(model: dict[str, Any]) -> list[str]:
             )
             + " |"
         )
+    return lines
+
+
+def variants_table(model: dict[str, Any]) -> list[str]:
+    """Step times on the other bases (bf16, quantized), with ratios to LoRA r=8 and the lower bound there."""
+    lines = [
+        "| base | method | trainable | step CPU s | × LoRA r=8 | × lower bound | step wall s |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for variant in model.get("base_variants", {}).values():
+        rows = variant["methods"]
+        lora = rows.get("lora_r8", {}).get("step_cpu_s")
+        lower = rows.get(methods.LOWER_BOUND, {}).get("step_cpu_s")
+        for name, r in rows.items():
+            cells = [variant["label"], methods.LABELS[name], f"{r['trainable_params']:,}", f"{r['step_cpu_s']:.3f}"]
+            cells += [f"{r['step_cpu_s'] / ref:.2f}" if ref else "—" for ref in (lora, lower)]
+            cells.append(f"{r['step_wall_s']:.3f}")
+            lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
@@ -289,6 +322,16 @@ def markdown(data: dict[str, Any]) -> str:
             "",
             *model_table(model),
             "",
+            *(
+                [
+                    "Step time on other bases (same model and batch, interleaved rounds like the table above):",
+                    "",
+                    *variants_table(model),
+                    "",
+                ]
+                if model.get("base_variants")
+                else []
+            ),
             f"Merging {model['merge_experts']['count']} experts with `add_weighted_adapter` (random non-zero values; "
             "sparse experts with distinct random masks unless marked; LoRA svd with `svd_full_matrices=False`):",
             "",

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from . import measure, methods, report, scenarios
+from . import bases, measure, methods, report, scenarios
 from .models import ModelSpec, forward_only, full_specs, quick_specs
 
 # Metrics every method reports (``None`` where NOT_APPLICABLE says so).
@@ -128,6 +128,12 @@ def run_model(spec: ModelSpec, settings: Settings) -> dict[str, Any]:
         del model
         measure.settle()
 
+    if spec.extra.get("base_variants"):
+        log(f"{spec.name}: step times on other bases: {', '.join(spec.extra['base_variants'])}")
+        variants = bases.variant_step_times(spec, base, settings.warmup, settings.steps)
+    else:
+        variants = {}
+
     log(f"{spec.name}: merging {settings.experts} experts")
     merges = scenarios.merge_experts(spec, base, settings.experts, settings.merge_repeats)
     trainable = results["lora_r8"]["trainable_params"]
@@ -142,6 +148,7 @@ def run_model(spec: ModelSpec, settings: Settings) -> dict[str, Any]:
         "lora_r8_trainable": trainable,
         "methods": results,
         "merge_experts": merges,
+        "base_variants": variants,
     }
 
 

@@ -1,6 +1,6 @@
-"""Autograd kernels for sparse adapters (unstructured and block) and their plain reference versions."""
+"""Sparse adapter kernels (unstructured and block) registered as torch custom ops, and plain reference versions."""
 
-from .block_sparse import block_entry_indices, block_sparse_delta, block_sparse_linear
+from .block_sparse import block_entry_indices
 from .reference import (
     block_sparse_delta_reference,
     block_sparse_linear_reference,
@@ -9,7 +9,7 @@ from .reference import (
     sparse_delta_reference,
     sparse_linear_reference,
 )
-from .sparse_linear import sparse_delta, sparse_linear
+from .registered import block_sparse_delta, block_sparse_linear, sparse_delta, sparse_linear
 
 __all__ = [
     "block_entry_indices",

@@ -58,9 +58,12 @@ def _scatter_blocks(
     """Dense ``base + scaling * blocks`` (``base`` None: zeros) of ``shape``; padding slots are dropped."""
     numel = shape[0] * shape[1]
     # One spare trailing slot absorbs all padding entries (no data-dependent masking, so no device sync).
-    flat = torch.zeros(numel + 1, dtype=dtype, device=values.device)
-    if base is not None:
+    if base is None:
+        flat = torch.zeros(numel + 1, dtype=dtype, device=values.device)
+    else:  # one pass over the weight: copy into uninitialised memory (a zero fill first doubled the traffic)
+        flat = torch.empty(numel + 1, dtype=dtype, device=values.device)
         flat[:numel].copy_(base.detach().reshape(-1))
+        flat[numel] = 0
     if block_indices.numel():
         positions, valid = block_entry_indices(block_indices, block_size, shape)
         positions = torch.where(valid, positions, torch.full_like(positions, numel))
@@ -146,9 +149,7 @@ def apply_block_delta(
     grid_rows, grid_cols = _grid(shape, b)
     tokens = x2.shape[0]
     # x @ ΔS^T: input blocks follow the block column, output the block row; x @ ΔS the other way round.
-    n_src, n_dst, width = (
-        (grid_cols, grid_rows, shape[0]) if right_transposed else (grid_rows, grid_cols, shape[1])
-    )
+    n_src, n_dst, width = (grid_cols, grid_rows, shape[0]) if right_transposed else (grid_rows, grid_cols, shape[1])
     count = block_indices.numel()
     if count == 0 or tokens == 0:
         return torch.zeros(tokens, width, dtype=dtype, device=x2.device)
@@ -171,117 +172,88 @@ def apply_block_delta(
     return target.view(tokens, n_dst * b)[:, :width]
 
 
-class _BlockSparseLinear(torch.autograd.Function):
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx,
-        x: torch.Tensor,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        values: torch.Tensor,
-        block_indices: torch.Tensor,
-        block_size: int,
-        scaling: float,
-        transposed: bool,
-    ) -> torch.Tensor:
-        shape = tuple(weight.shape)
-        merged = _scatter_blocks(weight, values, block_indices, block_size, shape, scaling, weight.dtype)
-        out = F.linear(x, merged.T if transposed else merged, bias)
-        ctx.save_for_backward(x, weight, values, block_indices)
-        ctx.block_size, ctx.scaling, ctx.transposed = block_size, scaling, transposed  # type: ignore[attr-defined]
-        return out
-
-    @staticmethod
-    def backward(
-        ctx: torch.autograd.function.FunctionCtx, g: torch.Tensor
-    ) -> tuple[torch.Tensor | None, ...]:
-        x, weight, values, block_indices = ctx.saved_tensors  # type: ignore[attr-defined]
-        block_size, scaling, transposed = ctx.block_size, ctx.scaling, ctx.transposed  # type: ignore[attr-defined]
-        shape = tuple(weight.shape)
-        grad_x = grad_values = None
-        if ctx.needs_input_grad[0]:  # type: ignore[attr-defined]
-            merged = _scatter_blocks(weight, values, block_indices, block_size, shape, scaling, weight.dtype)
-            grad_x = dense_grad_x(g, merged, transposed, x.dtype)
-            del merged
-        if ctx.needs_input_grad[3]:  # type: ignore[attr-defined]
-            x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
-            rows_op, cols_op = grad_operands(x2, g2, transposed)
-            grad_values = block_grads(
-                rows_op, cols_op, block_indices, block_size, shape, scaling, values.dtype
-            )
-        return grad_x, None, None, grad_values, None, None, None, None
-
-
-def block_sparse_linear(
+def linear_forward(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     values: torch.Tensor,
     block_indices: torch.Tensor,
     block_size: int,
-    scaling: float = 1.0,
-    transposed: bool = False,
+    scaling: float,
+    transposed: bool,
 ) -> torch.Tensor:
-    """Adapted output ``x @ S_eff^T + b`` (``x @ S_eff + b`` if ``transposed``), block-sparse ΔS, one GEMM."""
-    return _BlockSparseLinear.apply(
-        x, weight, bias, values, block_indices, int(block_size), float(scaling), bool(transposed)
-    )
+    """Adapted output ``x @ S_eff^T + b`` (``x @ S_eff + b`` if ``transposed``) with block-sparse ΔS: composed
+    in the promoted dtype of weight and values, one GEMM in ``x``'s dtype (as :func:`sparse_linear`)."""
+    work = torch.promote_types(weight.dtype, values.dtype)
+    merged = _scatter_blocks(weight, values, block_indices, block_size, tuple(weight.shape), scaling, work)
+    merged = merged.to(x.dtype)
+    bias = None if bias is None else bias.to(x.dtype)
+    return F.linear(x, merged.T if transposed else merged, bias)
 
 
-class _BlockSparseDelta(torch.autograd.Function):
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx,
-        x: torch.Tensor,
-        values: torch.Tensor,
-        block_indices: torch.Tensor,
-        block_size: int,
-        shape: tuple[int, int],
-        scaling: float,
-        transposed: bool,
-    ) -> torch.Tensor:
-        dtype = torch.promote_types(x.dtype, values.dtype)
-        x2 = x.reshape(-1, x.shape[-1])
-        out = apply_block_delta(x2, values, block_indices, block_size, shape, scaling, not transposed, dtype)
-        ctx.save_for_backward(x, values, block_indices)
-        ctx.block_size, ctx.shape = block_size, shape  # type: ignore[attr-defined]
-        ctx.scaling, ctx.transposed = scaling, transposed  # type: ignore[attr-defined]
-        return out.reshape(*x.shape[:-1], out.shape[-1])
-
-    @staticmethod
-    def backward(
-        ctx: torch.autograd.function.FunctionCtx, g: torch.Tensor
-    ) -> tuple[torch.Tensor | None, ...]:
-        x, values, block_indices = ctx.saved_tensors  # type: ignore[attr-defined]
-        block_size, shape = ctx.block_size, ctx.shape  # type: ignore[attr-defined]
-        scaling, transposed = ctx.scaling, ctx.transposed  # type: ignore[attr-defined]
-        g2 = g.reshape(-1, g.shape[-1])
-        grad_x = grad_values = None
-        if ctx.needs_input_grad[0]:  # type: ignore[attr-defined]
-            dtype = torch.promote_types(g.dtype, values.dtype)
-            grad_x = apply_block_delta(
-                g2, values, block_indices, block_size, shape, scaling, transposed, dtype
-            )
-            grad_x = grad_x.to(x.dtype).reshape(x.shape)
-        if ctx.needs_input_grad[1]:  # type: ignore[attr-defined]
-            rows_op, cols_op = grad_operands(x.reshape(-1, x.shape[-1]), g2, transposed)
-            grad_values = block_grads(
-                rows_op, cols_op, block_indices, block_size, shape, scaling, values.dtype
-            )
-        return grad_x, grad_values, None, None, None, None, None
+def linear_backward(
+    g: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    values: torch.Tensor,
+    block_indices: torch.Tensor,
+    block_size: int,
+    scaling: float,
+    transposed: bool,
+    need_x: bool,
+    need_values: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of :func:`linear_forward` for ``x`` and ``values`` (``None`` where not needed)."""
+    shape = tuple(weight.shape)
+    grad_x = grad_values = None
+    if need_x:
+        work = torch.promote_types(weight.dtype, values.dtype)
+        merged = _scatter_blocks(weight, values, block_indices, block_size, shape, scaling, work)
+        grad_x = dense_grad_x(g, merged.to(x.dtype), transposed, x.dtype)
+        del merged
+    if need_values:
+        x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+        rows_op, cols_op = grad_operands(x2, g2, transposed)
+        grad_values = block_grads(rows_op, cols_op, block_indices, block_size, shape, scaling, values.dtype)
+    return grad_x, grad_values
 
 
-def block_sparse_delta(
+def delta_forward(
     x: torch.Tensor,
     values: torch.Tensor,
     block_indices: torch.Tensor,
     block_size: int,
     shape: tuple[int, int],
-    scaling: float = 1.0,
-    transposed: bool = False,
+    scaling: float,
+    transposed: bool,
 ) -> torch.Tensor:
-    """Only the block adapter term ``x @ ΔS^T`` (``x @ ΔS`` if ``transposed``); dtype as ``sparse_delta``."""
-    shape = (int(shape[0]), int(shape[1]))
-    return _BlockSparseDelta.apply(
-        x, values, block_indices, int(block_size), shape, float(scaling), bool(transposed)
-    )
+    """Only the block adapter term ``x @ ΔS^T`` (``x @ ΔS`` if ``transposed``), in ``promote_types(x, values)``."""
+    dtype = torch.promote_types(x.dtype, values.dtype)
+    x2 = x.reshape(-1, x.shape[-1])
+    out = apply_block_delta(x2, values, block_indices, block_size, shape, scaling, not transposed, dtype)
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def delta_backward(
+    g: torch.Tensor,
+    x: torch.Tensor,
+    values: torch.Tensor,
+    block_indices: torch.Tensor,
+    block_size: int,
+    shape: tuple[int, int],
+    scaling: float,
+    transposed: bool,
+    need_x: bool,
+    need_values: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of :func:`delta_forward` for ``x`` and ``values`` (``None`` where not needed)."""
+    g2 = g.reshape(-1, g.shape[-1])
+    grad_x = grad_values = None
+    if need_x:
+        dtype = torch.promote_types(g.dtype, values.dtype)
+        grad_x = apply_block_delta(g2, values, block_indices, block_size, shape, scaling, transposed, dtype)
+        grad_x = grad_x.to(x.dtype).reshape(x.shape)
+    if need_values:
+        rows_op, cols_op = grad_operands(x.reshape(-1, x.shape[-1]), g2, transposed)
+        grad_values = block_grads(rows_op, cols_op, block_indices, block_size, shape, scaling, values.dtype)
+    return grad_x, grad_values

@@ -89,10 +89,15 @@ def sampled_product(
 
 
 def compose_weight(
-    weight: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, scaling: float
+    weight: torch.Tensor,
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    scaling: float,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Transient ``S + scaling * scatter(values)`` in the weight's dtype (no autograd history)."""
-    merged = weight.detach().clone(memory_format=torch.contiguous_format)
+    """Transient ``S + scaling * scatter(values)`` in ``dtype`` (default: the weight's), no autograd history."""
+    dtype = weight.dtype if dtype is None else dtype
+    merged = weight.detach().to(dtype, memory_format=torch.contiguous_format, copy=True)
     if indices.numel():
         merged.view(-1).index_add_(0, indices, values.detach().to(merged.dtype), alpha=scaling)
     return merged
@@ -109,58 +114,46 @@ def grad_operands(x2: torch.Tensor, g2: torch.Tensor, transposed: bool) -> tuple
     return (x2, g2) if transposed else (g2, x2)
 
 
-class _SparseLinear(torch.autograd.Function):
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx,
-        x: torch.Tensor,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        values: torch.Tensor,
-        indices: torch.Tensor,
-        scaling: float,
-        transposed: bool,
-    ) -> torch.Tensor:
-        merged = compose_weight(weight, values, indices, scaling)
-        out = F.linear(x, merged.T if transposed else merged, bias)
-        ctx.save_for_backward(x, weight, values, indices)
-        ctx.scaling, ctx.transposed = scaling, transposed  # type: ignore[attr-defined]
-        return out
-
-    @staticmethod
-    def backward(
-        ctx: torch.autograd.function.FunctionCtx, g: torch.Tensor
-    ) -> tuple[torch.Tensor | None, ...]:
-        x, weight, values, indices = ctx.saved_tensors  # type: ignore[attr-defined]
-        scaling, transposed = ctx.scaling, ctx.transposed  # type: ignore[attr-defined]
-        grad_x = grad_values = None
-        if ctx.needs_input_grad[0]:  # type: ignore[attr-defined]
-            merged = compose_weight(weight, values, indices, scaling)
-            grad_x = dense_grad_x(g, merged, transposed, x.dtype)
-            del merged
-        if ctx.needs_input_grad[3]:  # type: ignore[attr-defined]
-            x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
-            rows_op, cols_op = grad_operands(x2, g2, transposed)
-            grad_values = sampled_product(
-                rows_op, cols_op, indices, tuple(weight.shape), scaling, values.dtype
-            )
-        return grad_x, None, None, grad_values, None, None, None
-
-
-def sparse_linear(
+def linear_forward(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     values: torch.Tensor,
     indices: torch.Tensor,
-    scaling: float = 1.0,
-    transposed: bool = False,
+    scaling: float,
+    transposed: bool,
 ) -> torch.Tensor:
-    """Adapted layer output ``x @ S_eff^T + b`` (``x @ S_eff + b`` if ``transposed``), one GEMM.
+    """``x @ S_eff^T + b`` (``x @ S_eff + b`` if ``transposed``): ``S_eff`` composed in the promoted dtype of
+    weight and values (exact), then multiplied in ``x``'s dtype, like ``F.linear`` on a dense ``S_eff`` under
+    autocast (bf16 ``x`` on fp32 weights: one rounding of ``W + ΔW``, one bf16 GEMM)."""
+    merged = compose_weight(weight, values, indices, scaling, torch.promote_types(weight.dtype, values.dtype))
+    merged = merged.to(x.dtype)
+    bias = None if bias is None else bias.to(x.dtype)
+    return F.linear(x, merged.T if transposed else merged, bias)
 
-    ``S_eff = weight + scaling * scatter(values at indices)``; gradients flow to ``x`` and ``values`` only.
-    """
-    return _SparseLinear.apply(x, weight, bias, values, indices, float(scaling), bool(transposed))
+
+def linear_backward(
+    g: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    scaling: float,
+    transposed: bool,
+    need_x: bool,
+    need_values: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of :func:`linear_forward` for ``x`` and ``values`` (``None`` where not needed)."""
+    grad_x = grad_values = None
+    if need_x:
+        merged = compose_weight(weight, values, indices, scaling, torch.promote_types(weight.dtype, values.dtype))
+        grad_x = dense_grad_x(g, merged.to(x.dtype), transposed, x.dtype)
+        del merged
+    if need_values:
+        x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+        rows_op, cols_op = grad_operands(x2, g2, transposed)
+        grad_values = sampled_product(rows_op, cols_op, indices, tuple(weight.shape), scaling, values.dtype)
+    return grad_x, grad_values
 
 
 def _use_csr(nnz: int, shape: tuple[int, int]) -> bool:
@@ -195,53 +188,40 @@ def apply_delta(
     return x2.to(dtype) @ (delta.T if right_transposed else delta)
 
 
-class _SparseDelta(torch.autograd.Function):
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx,
-        x: torch.Tensor,
-        values: torch.Tensor,
-        indices: torch.Tensor,
-        shape: tuple[int, int],
-        scaling: float,
-        transposed: bool,
-    ) -> torch.Tensor:
-        dtype = torch.promote_types(x.dtype, values.dtype)
-        x2 = x.reshape(-1, x.shape[-1])
-        out = apply_delta(x2, values, indices, shape, scaling, not transposed, dtype)
-        ctx.save_for_backward(x, values, indices)
-        ctx.shape, ctx.scaling, ctx.transposed = shape, scaling, transposed  # type: ignore[attr-defined]
-        return out.reshape(*x.shape[:-1], out.shape[-1])
-
-    @staticmethod
-    def backward(
-        ctx: torch.autograd.function.FunctionCtx, g: torch.Tensor
-    ) -> tuple[torch.Tensor | None, ...]:
-        x, values, indices = ctx.saved_tensors  # type: ignore[attr-defined]
-        shape, scaling, transposed = ctx.shape, ctx.scaling, ctx.transposed  # type: ignore[attr-defined]
-        g2 = g.reshape(-1, g.shape[-1])
-        grad_x = grad_values = None
-        if ctx.needs_input_grad[0]:  # type: ignore[attr-defined]
-            dtype = torch.promote_types(g.dtype, values.dtype)
-            grad_x = apply_delta(g2, values, indices, shape, scaling, transposed, dtype)
-            grad_x = grad_x.to(x.dtype).reshape(x.shape)
-        if ctx.needs_input_grad[1]:  # type: ignore[attr-defined]
-            rows_op, cols_op = grad_operands(x.reshape(-1, x.shape[-1]), g2, transposed)
-            grad_values = sampled_product(rows_op, cols_op, indices, shape, scaling, values.dtype)
-        return grad_x, grad_values, None, None, None, None
-
-
-def sparse_delta(
+def delta_forward(
     x: torch.Tensor,
     values: torch.Tensor,
     indices: torch.Tensor,
     shape: tuple[int, int],
-    scaling: float = 1.0,
-    transposed: bool = False,
+    scaling: float,
+    transposed: bool,
 ) -> torch.Tensor:
-    """Only the adapter term ``x @ ΔS^T`` (``x @ ΔS`` if ``transposed``) for a storage shape ``shape``.
+    """Only the adapter term ``x @ ΔS^T`` (``x @ ΔS`` if ``transposed``), in ``promote_types(x, values)``."""
+    dtype = torch.promote_types(x.dtype, values.dtype)
+    x2 = x.reshape(-1, x.shape[-1])
+    out = apply_delta(x2, values, indices, shape, scaling, not transposed, dtype)
+    return out.reshape(*x.shape[:-1], out.shape[-1])
 
-    The result dtype is ``promote_types(x.dtype, values.dtype)``; gradients flow to ``x`` and ``values``.
-    """
-    shape = (int(shape[0]), int(shape[1]))
-    return _SparseDelta.apply(x, values, indices, shape, float(scaling), bool(transposed))
+
+def delta_backward(
+    g: torch.Tensor,
+    x: torch.Tensor,
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    shape: tuple[int, int],
+    scaling: float,
+    transposed: bool,
+    need_x: bool,
+    need_values: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of :func:`delta_forward` for ``x`` and ``values`` (``None`` where not needed)."""
+    g2 = g.reshape(-1, g.shape[-1])
+    grad_x = grad_values = None
+    if need_x:
+        dtype = torch.promote_types(g.dtype, values.dtype)
+        grad_x = apply_delta(g2, values, indices, shape, scaling, transposed, dtype)
+        grad_x = grad_x.to(x.dtype).reshape(x.shape)
+    if need_values:
+        rows_op, cols_op = grad_operands(x.reshape(-1, x.shape[-1]), g2, transposed)
+        grad_values = sampled_product(rows_op, cols_op, indices, shape, scaling, values.dtype)
+    return grad_x, grad_values
