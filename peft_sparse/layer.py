@@ -17,8 +17,9 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from . import masks
+from .distributed import is_sharded
 from .ops import block_sparse_delta, block_sparse_linear, sparse_delta, sparse_linear
-from .registration import BufferDict
+from .registration import BufferDict, gather_params_ctx
 
 SUPPORTED_BASE_LAYERS = (nn.Linear, Conv1D)
 
@@ -82,11 +83,27 @@ class SparseAdapterLayer(BaseTunerLayer):
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
     def set_mask(self, adapter_name: str, indices: torch.Tensor) -> None:
-        """Replace the mask and reset the values to zero, keeping the same Parameter object (optimizer-safe)."""
+        """Replace the mask and reset the values to zero, keeping the same Parameter object (optimizer-safe).
+
+        Same size: the values are zeroed in place, which also reaches the storage FSDP2 (DTensor shards), FSDP1
+        (flat-parameter views) and ZeRO-3 (partitions, gathered here) read from. A new size replaces ``.data``,
+        which sharded parameters cannot take, so that case is refused for them before anything changes.
+        """
         values = self.sparse_adapter_values[adapter_name]
-        width = self.entry_width(adapter_name)
+        size = indices.numel() * self.entry_width(adapter_name)
+        same_size = size == getattr(values, "ds_numel", values.numel())  # ZeRO-3 partitions report 0 locally
+        if not same_size and is_sharded(values):
+            raise ValueError(
+                f"cannot resize the sharded values of sparse adapter {adapter_name!r} on {self.module_name} "
+                f"({values.numel()} -> {size}) under FSDP / ZeRO-3; keep the per-layer sizes (budget_scope='layer')"
+            )
         self.sparse_adapter_indices[adapter_name] = indices.to(values.device)
-        values.data = torch.zeros(indices.numel() * width, dtype=values.dtype, device=values.device)
+        with torch.no_grad():
+            if same_size:
+                with gather_params_ctx(values, modifier_rank=0):
+                    values.zero_()
+            else:
+                values.data = torch.zeros(size, dtype=values.dtype, device=values.device)
         values.grad = None
         self._validated.pop(adapter_name, None)
 
