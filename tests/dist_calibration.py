@@ -1,8 +1,9 @@
 """Run under ``torchrun --nproc_per_node 2`` (gloo, CPU): mask re-selection on a sharded model.
 
-``torchrun --standalone --nproc_per_node 2 tests/dist_calibration.py OUT_DIR {fsdp2,fsdp1,ddp} KIND``. Every rank trains one step so the values are
-non-zero, re-selects the mask with ``calibrate_masks`` on its own batches, and saves what the test checks:
-the masks, the whole values (gathered), the logits after re-selection and the logits of the bare base model.
+``torchrun --standalone --nproc_per_node 2 tests/dist_calibration.py OUT_DIR {fsdp2,fsdp1,ddp} KIND``.
+Every rank trains one step so the values are non-zero, re-selects the mask with ``calibrate_masks`` on its own
+batches, and saves what the test checks: the masks, the whole values (gathered), the logits after re-selection and
+the logits of the bare base model.
 """
 
 from __future__ import annotations
