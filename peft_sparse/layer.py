@@ -26,7 +26,8 @@ SUPPORTED_BASE_LAYERS = (nn.Linear, Conv1D)
 
 def storage_shape(base_layer: nn.Module) -> tuple[int, int]:
     """Shape of the base weight as stored: (out, in) for Linear, (in, out) for Conv1D."""
-    return tuple(base_layer.weight.shape)  # type: ignore[return-value]
+    weight = base_layer.weight
+    return tuple(getattr(weight, "ds_shape", weight.shape))  # type: ignore[return-value]  # ZeRO-3: whole shape
 
 
 class SparseAdapterLayer(BaseTunerLayer):

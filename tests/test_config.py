@@ -288,3 +288,107 @@ def test_weight_shape_mismatch_errors():
     config = SparseAdapterConfig(target_modules=["q_proj"], weight_shapes={"model.layers.0.self_attn.q_proj": [8, 8]})
     with pytest.raises(ValueError, match="shape"):
         get_peft_model(tiny_llama(layers=1), config)
+
+
+# --- every field validated on construction ------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("target_modules", 3),
+        ("target_modules", ["q_proj", 3]),
+        ("exclude_modules", 1.5),
+        ("keep_ratio", "0.1"),
+        ("keep_ratio", float("nan")),
+        ("keep_ratio", True),
+        ("num_params", 10.5),
+        ("num_params", -1),
+        ("lora_rank", 1.5),
+        ("lora_rank", "8"),
+        ("lora_rank", True),
+        ("lora_rank_pattern", {"q_proj": 0}),
+        ("lora_rank_pattern", {"q_proj": 2.5}),
+        ("lora_rank_pattern", ["q_proj"]),
+        ("block_size", 2.0),
+        ("block_size", -4),
+        ("seed", "abc"),
+        ("seed", 1.0),
+        ("warmup_steps", -1),
+        ("warmup_steps", 0),
+        ("warmup_steps", 2.5),
+        ("warmup_lr", -1),
+        ("warmup_lr", 0),
+        ("warmup_lr", float("inf")),
+        ("warmup_lr", "1e-4"),
+        ("fan_in_fan_out", "yes"),
+        ("init_weights", 1),
+        ("layers_to_transform", -1),
+        ("layers_to_transform", [0, "1"]),
+        ("layers_to_transform", 1.0),
+        ("modules_to_save", 5),
+        ("entries_pattern", {"q_proj": -1}),
+        ("entries_pattern", {"q_proj": 3.5}),
+        ("weight_shapes", {"q_proj": [32]}),
+        ("weight_shapes", {"q_proj": [32, 0]}),
+        ("weight_shapes", {"q_proj": [32, 2.5]}),
+        ("requires", None),
+    ],
+)
+def test_every_field_is_validated_with_an_error_naming_it(field, value):
+    kwargs = {"target_modules": ["q_proj"], field: value}
+    with pytest.raises(ValueError, match=field):
+        SparseAdapterConfig(**kwargs)
+
+
+def test_valid_edge_values_are_accepted():
+    config = SparseAdapterConfig(
+        target_modules="all-linear",
+        keep_ratio=1,
+        seed=-3,
+        warmup_steps=1,
+        warmup_lr=1,
+        layers_to_transform=0,
+        layers_pattern="layers",
+        lora_rank_pattern={"q_proj": 1},
+        entries_pattern={"x": 0},
+        weight_shapes={"x": (4, 5)},
+    )
+    assert config.keep_ratio == 1 and config.seed == -3
+
+
+# --- block size against the targeted weights ------------------------------------------------------------------------
+KV_TARGETS = ["k_proj", "v_proj"]  # 16 x 32 weights in tiny_llama (2 key/value heads of 8)
+
+
+def trainable(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def test_block_larger_than_a_targeted_weight_is_refused_and_nothing_changes():
+    lora = LoraConfig(r=8, target_modules=KV_TARGETS)
+    model = tiny_llama(layers=1)
+    before = base_weights(model)
+    with pytest.raises(ValueError, match=r"block_size=32 is larger than the weight of .*k_proj.*\(16, 32\).*<= 16"):
+        get_peft_model(model, SparseAdapterConfig.from_lora_config(lora, block_size=32))
+    with pytest.raises(ValueError, match="block_size=1000"):
+        get_peft_model(model, SparseAdapterConfig(target_modules=["q_proj"], block_size=1000))
+    assert not any(isinstance(m, BaseTunerLayer) for m in model.modules())
+    after = base_weights(model)
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+@pytest.mark.parametrize("block_size", [4, 8, 16])
+def test_from_lora_config_with_blocks_keeps_the_lora_parameter_count(block_size):
+    lora = LoraConfig(r=8, target_modules=KV_TARGETS)
+    lora_trainable = trainable(get_peft_model(tiny_llama(layers=1), lora))
+    assert lora_trainable == 2 * 8 * (16 + 32)
+    sparse = get_peft_model(tiny_llama(layers=1), SparseAdapterConfig.from_lora_config(lora, block_size=block_size))
+    assert trainable(sparse) == lora_trainable  # 768 = 3 blocks of 16 x 16 (2 + 1), 12 of 8 x 8, 48 of 4 x 4
+    rows = [layer.sparse_adapter_indices["default"].numel() for layer in sparse_layers(sparse).values()]
+    assert sum(rows) * block_size**2 == lora_trainable
+
+
+def test_lora_budget_with_blocks_is_within_half_a_block_of_lora():
+    lora = LoraConfig(r=3, target_modules=["q_proj", "k_proj", "up_proj"])  # 3 * (64 + 48 + 80) = 576 entries
+    sparse = get_peft_model(tiny_llama(layers=1), SparseAdapterConfig.from_lora_config(lora, block_size=5))
+    lora_trainable = trainable(get_peft_model(tiny_llama(layers=1), lora))
+    assert abs(trainable(sparse) - lora_trainable) <= 25 / 2
