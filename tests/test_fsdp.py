@@ -12,6 +12,7 @@ import copy
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ import torch
 from conftest import assert_is_top_k, dense_delta, lm_batches, reference_weight_grads, sparse_layers, tiny_llama
 from peft import get_peft_model
 
-from peft_sparse import SparseAdapterConfig
+from peft_sparse import SparseAdapterConfig, calibrate_masks
 
 SCRIPT = Path(__file__).with_name("dist_calibration.py")
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -100,3 +101,43 @@ def test_sharded_values_are_not_resized():
     with pytest.raises(ValueError, match="cannot resize the sharded values"):
         layer.set_mask("default", torch.arange(values.numel() + 1, dtype=torch.int32))
     assert torch.equal(layer.sparse_adapter_indices["default"], indices)
+
+
+def test_partitioned_weights_are_gathered_for_injection_and_scoring(monkeypatch):
+    """ZeRO-3 emulated: weights hold no data outside ``gather_params_ctx`` (DeepSpeed itself cannot run here)."""
+    import peft_sparse.distributed
+
+    base = tiny_llama(layers=1)
+    reference = copy.deepcopy(base)
+    whole = {}
+    for module in base.modules():
+        if isinstance(module, torch.nn.Linear):
+            weight = module.weight
+            whole[id(weight)] = weight.data
+            weight.ds_id, weight.ds_shape = id(weight), weight.shape
+            weight.data = torch.empty(0)
+    gathered = []
+
+    @contextmanager
+    def fake_gather(param, modifier_rank=0, fwd_module=None):
+        params = [param] if isinstance(param, torch.Tensor) else list(param)
+        partitioned = [p for p in params if hasattr(p, "ds_id") and id(p) in whole]
+        for p in partitioned:
+            p.data = whole[id(p)]
+            gathered.append(p.ds_shape)
+        yield
+        for p in partitioned:
+            p.data = torch.empty(0)
+
+    monkeypatch.setattr(peft_sparse.distributed, "gather_params_ctx", fake_gather)
+    config = SparseAdapterConfig(target_modules=["q_proj", "k_proj"], keep_ratio=0.1)
+    model = get_peft_model(base, config)
+    assert len(gathered) == 2
+    modules = dict(reference.named_modules())
+    for name, layer in sparse_layers(model).items():
+        weight = modules[name].weight.detach()
+        assert model.peft_config["default"].weight_shapes[name] == list(weight.shape)
+        assert_is_top_k(layer.sparse_adapter_indices["default"], weight.abs(), round(0.1 * weight.numel()))
+    # re-selection by magnitude reads the gathered weights too
+    calibrate_masks(model, lm_batches(1), score_kind="magnitude", progress=False)
+    assert len(gathered) == 4
