@@ -392,3 +392,73 @@ def test_lora_budget_with_blocks_is_within_half_a_block_of_lora():
     sparse = get_peft_model(tiny_llama(layers=1), SparseAdapterConfig.from_lora_config(lora, block_size=5))
     lora_trainable = trainable(get_peft_model(tiny_llama(layers=1), lora))
     assert abs(trainable(sparse) - lora_trainable) <= 25 / 2
+
+
+# --- presets for GPT-NeoX, OPT, Falcon, T5 (module names as in transformers' modeling files) -------------------------
+def _tiny(kind: str) -> nn.Module:
+    from transformers import (
+        FalconConfig,
+        FalconForCausalLM,
+        GPTNeoXConfig,
+        GPTNeoXForCausalLM,
+        OPTConfig,
+        OPTForCausalLM,
+        T5Config,
+        T5ForConditionalGeneration,
+    )
+
+    torch.manual_seed(0)
+    common = {"vocab_size": 64, "num_attention_heads": 4, "max_position_embeddings": 64}
+    if kind == "gpt_neox":
+        return GPTNeoXForCausalLM(GPTNeoXConfig(hidden_size=32, num_hidden_layers=2, intermediate_size=48, **common))
+    if kind == "opt":
+        config = OPTConfig(hidden_size=32, num_hidden_layers=2, ffn_dim=48, word_embed_proj_dim=32, **common)
+        return OPTForCausalLM(config)
+    if kind == "falcon":
+        return FalconForCausalLM(FalconConfig(hidden_size=32, num_hidden_layers=2, **common))
+    config = T5Config(
+        vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=1, num_decoder_layers=1, num_heads=4,
+        feed_forward_proj="gated-gelu" if kind == "t5-gated" else "relu", decoder_start_token_id=0,
+    )
+    return T5ForConditionalGeneration(config)
+
+
+def _t5_names(mlp: list[str], qkv: bool) -> set[str]:
+    if qkv:
+        attention = (("encoder", 0, "SelfAttention"), ("decoder", 0, "SelfAttention"), ("decoder", 1, "EncDecAttention"))
+        return {f"{stack}.block.0.layer.{i}.{a}.{p}" for stack, i, a in attention for p in "qkv"}
+    return {f"encoder.block.0.layer.1.DenseReluDense.{n}" for n in mlp} | {
+        f"decoder.block.0.layer.2.DenseReluDense.{n}" for n in mlp
+    }
+
+
+PRESET_CASES = {
+    "gpt_neox": (
+        {f"gpt_neox.layers.{i}.attention.query_key_value" for i in range(2)},
+        {f"gpt_neox.layers.{i}.mlp.{n}" for i in range(2) for n in ("dense_h_to_4h", "dense_4h_to_h")},
+    ),
+    "opt": (
+        {f"model.decoder.layers.{i}.self_attn.{p}_proj" for i in range(2) for p in "qkv"},
+        {f"model.decoder.layers.{i}.{n}" for i in range(2) for n in ("fc1", "fc2")},
+    ),
+    "falcon": (
+        {f"transformer.h.{i}.self_attention.query_key_value" for i in range(2)},
+        {f"transformer.h.{i}.mlp.{n}" for i in range(2) for n in ("dense_h_to_4h", "dense_4h_to_h")},
+    ),
+    "t5": (_t5_names([], qkv=True), _t5_names(["wi", "wo"], qkv=False)),
+    "t5-gated": (_t5_names([], qkv=True), _t5_names(["wi_0", "wi_1", "wo"], qkv=False)),
+}
+
+
+@pytest.mark.parametrize("kind", list(PRESET_CASES))
+def test_presets_cover_gpt_neox_opt_falcon_t5(kind):
+    qkv_names, mlp_names = PRESET_CASES[kind]
+    for preset, expected in (("qkv", qkv_names), ("mlp", mlp_names), (["qkv", "mlp"], qkv_names | mlp_names)):
+        model = get_peft_model(_tiny(kind), SparseAdapterConfig(target_modules=preset, keep_ratio=0.1))
+        assert adapted(model) == expected, preset
+    # the adapted model trains: every adapter receives a gradient
+    ids = torch.randint(3, 64, (2, 6), generator=torch.Generator().manual_seed(0))
+    inputs = {"input_ids": ids, "labels": ids}
+    model.train()
+    model(**inputs).loss.backward()
+    assert all(layer.sparse_adapter_values["default"].grad is not None for layer in sparse_layers(model).values())
