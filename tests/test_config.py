@@ -425,7 +425,8 @@ def _tiny(kind: str) -> nn.Module:
 
 def _t5_names(mlp: list[str], qkv: bool) -> set[str]:
     if qkv:
-        attention = (("encoder", 0, "SelfAttention"), ("decoder", 0, "SelfAttention"), ("decoder", 1, "EncDecAttention"))
+        attention = [("encoder", 0, "SelfAttention"), ("decoder", 0, "SelfAttention")]
+        attention.append(("decoder", 1, "EncDecAttention"))
         return {f"{stack}.block.0.layer.{i}.{a}.{p}" for stack, i, a in attention for p in "qkv"}
     return {f"encoder.block.0.layer.1.DenseReluDense.{n}" for n in mlp} | {
         f"decoder.block.0.layer.2.DenseReluDense.{n}" for n in mlp
