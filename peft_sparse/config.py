@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from peft.config import PeftConfig
+from peft.utils import SAFETENSORS_WEIGHTS_NAME
 
-from .files import add_install_note
+from .files import add_install_note, apply_default_mode
 from .registration import PEFT_TYPE_NAME, _add_peft_type_member
 
 MASK_INITS = ("random", "magnitude", "snip", "gradient", "warmup")
@@ -111,9 +113,13 @@ class SparseAdapterConfig(PeftConfig):
             raise ValueError(f"requires must be a string, got {self.requires!r}")
 
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
-        """Save the JSON config and make sure the model card says how to install and import the plugin."""
+        """Save the JSON config and make sure the model card says how to install and import the plugin.
+
+        PEFT saves the weights just before the config; their file gets the umask's mode like the other files.
+        """
         super().save_pretrained(save_directory, **kwargs)
         add_install_note(save_directory)
+        apply_default_mode(os.path.join(save_directory, SAFETENSORS_WEIGHTS_NAME))
 
     @property
     def is_data_driven(self) -> bool:
