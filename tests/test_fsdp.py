@@ -26,12 +26,17 @@ SCRIPT = Path(__file__).with_name("dist_calibration.py")
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
 
-def run_ranks(out_dir: Path, mode: str, kind: str) -> list[dict]:
-    torchrun = Path(sys.executable).with_name("torchrun")
+def torchrun(script: Path, *args: str) -> None:
+    """``torchrun --standalone --nproc_per_node 2 script args`` (a free port, so parallel runs do not collide)."""
+    launcher = Path(sys.executable).with_name("torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    command = [str(torchrun), "--standalone", "--nproc_per_node", "2", str(SCRIPT), str(out_dir), mode, kind]
+    command = [str(launcher), "--standalone", "--nproc_per_node", "2", str(script), *args]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
+
+
+def run_ranks(out_dir: Path, mode: str, kind: str) -> list[dict]:
+    torchrun(SCRIPT, str(out_dir), mode, kind)
     return [torch.load(out_dir / f"{mode}-{kind}-rank{rank}.pt") for rank in range(2)]
 
 
@@ -76,6 +81,19 @@ def test_reselection_resets_values_and_picks_the_global_top_k(tmp_path, mode):
         for data in (rank0, rank1):
             assert "budget_scope='global'" in data["refused_global"]
             assert data["unchanged_after_refusal"]
+
+
+def test_trainer_callback_reselects_identically_on_ddp_ranks(tmp_path):
+    """The docs' recipe: Trainer + SparseMaskCalibrationCallback(reselect_steps=[2]) under torchrun (DDP, gloo)."""
+    torchrun(SCRIPT.with_name("dist_trainer.py"), str(tmp_path))
+    ranks = [torch.load(tmp_path / f"trainer-rank{rank}.pt") for rank in range(2)]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    for stage in ("after_reselect", "end"):
+        for name, mask in ranks[0][stage]["masks"].items():
+            assert torch.equal(mask, ranks[1][stage]["masks"][name])
+            assert torch.equal(ranks[0][stage]["values"][name], ranks[1][stage]["values"][name])
+    assert all(bool((v == 0).all()) for r in ranks for v in r["after_reselect"]["values"].values())
+    assert sum(float(v.abs().sum()) for v in ranks[0]["end"]["values"].values()) > 0  # trained after re-selection
 
 
 # --- single-process pieces the sharded path relies on -----------------------------------------------------------
