@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -71,6 +72,14 @@ class SparseAdapterConfig(PeftConfig):
         if isinstance(self.exclude_modules, list | tuple):
             self.exclude_modules = set(self.exclude_modules)
         self.validate()
+        # numpy scalars pass validation; store plain Python numbers so the config serialises to JSON
+        for name in ("num_params", "lora_rank", "block_size", "seed", "warmup_steps"):
+            if getattr(self, name) is not None:
+                setattr(self, name, int(getattr(self, name)))
+        self.keep_ratio, self.warmup_lr = float(self.keep_ratio), float(self.warmup_lr)
+        self.lora_rank_pattern = {k: int(v) for k, v in self.lora_rank_pattern.items()}
+        self.entries_pattern = {k: int(v) for k, v in self.entries_pattern.items()}
+        self.weight_shapes = {k: [int(d) for d in shape] for k, shape in self.weight_shapes.items()}
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first field whose type or range is invalid; nothing is modified."""
@@ -158,11 +167,11 @@ class SparseAdapterConfig(PeftConfig):
 
 
 def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)  # numpy ints too
 
 
 def _is_real(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _check_int(field_name: str, value: object, minimum: int | None, optional: bool = False) -> None:

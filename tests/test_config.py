@@ -355,6 +355,20 @@ def test_valid_edge_values_are_accepted():
     assert config.keep_ratio == 1 and config.seed == -3
 
 
+def test_numpy_numbers_are_accepted_and_stored_as_python_numbers(tmp_path):
+    import numpy as np
+
+    config = SparseAdapterConfig(
+        target_modules=["q_proj"], lora_rank=np.int64(2), block_size=np.int32(4), seed=np.int64(3),
+        warmup_lr=np.float32(1e-3), entries_pattern={"a": np.int64(5)},
+    )
+    assert type(config.lora_rank) is int and type(config.warmup_lr) is float
+    assert type(config.entries_pattern["a"]) is int
+    config.save_pretrained(tmp_path)  # JSON-serialisable
+    loaded = SparseAdapterConfig.from_pretrained(tmp_path)
+    assert (loaded.lora_rank, loaded.block_size, loaded.seed) == (2, 4, 3)
+
+
 # --- block size against the targeted weights ------------------------------------------------------------------------
 KV_TARGETS = ["k_proj", "v_proj"]  # 16 x 32 weights in tiny_llama (2 key/value heads of 8)
 
