@@ -35,9 +35,10 @@ def plan_budget(config: SparseAdapterConfig, shapes: dict[str, tuple[int, int]])
         if too_small:
             key, shape = next(iter(too_small.items()))
             raise ValueError(
-                f"block_size={block} is larger than the weight of {key!r} (shape {tuple(shape)}); every block would "
-                f"be mostly padding. Use block_size <= {min(min(s) for s in shapes.values())} (the smallest targeted "
-                f"dimension) or exclude the {len(too_small)} module(s) with a smaller dimension"
+                f"block_size={block} is larger than the weight of {key!r} (shape {tuple(shape)}): its blocks would "
+                "store padding beyond the weight's edge, counted as trainable parameters. Use block_size <= "
+                f"{min(min(s) for s in shapes.values())} (the smallest targeted dimension) or exclude the "
+                f"{len(too_small)} module(s) with a smaller dimension"
             )
     sizes = {key: shape[0] * shape[1] for key, shape in shapes.items()}
     if config.num_params is not None:
