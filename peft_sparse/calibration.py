@@ -226,7 +226,10 @@ def calibrate_masks(
     ``batches`` are dicts passed as ``model(**batch)`` (loss from ``labels``) or anything ``loss_fn(model, batch)``
     understands. The score kind defaults to the config's ``mask_init`` (``snip``, ``gradient`` or ``warmup``).
     Under ``torch.distributed`` the gradients (warm-up: the scores) are summed over ranks, so every rank ends
-    with the same mask, the one a single process would pick from all ranks' batches.
+    with the same mask, the one a single process would pick from all ranks' batches. Under FSDP2 / FSDP /
+    ZeRO-3 the base weights are gathered for scoring and the values are zeroed in their shards (``budget_scope=
+    "global"``, which resizes them, is refused there). Batches without supervised tokens, non-finite losses and
+    non-dict batches without ``loss_fn`` are refused before the masks change.
     Returns the number of stored rows per module.
     """
     root = tuner_root(model)
