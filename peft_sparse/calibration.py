@@ -296,12 +296,22 @@ class SparseMaskCalibrationCallback(TrainerCallback):
 
     def __init__(
         self,
-        num_batches: int = 8,
+        num_batches: int | None = 8,
         adapter_name: str | None = None,
         loss_fn: LossFn | None = None,
         reselect_steps: Iterable[int] = (),
         progress: bool = True,
     ) -> None:
+        def positive_int(value: object) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+        if num_batches is not None and not positive_int(num_batches):
+            raise ValueError(f"num_batches must be a positive int (or None: every batch), got {num_batches!r}")
+        reselect_steps = list(reselect_steps)
+        if not all(positive_int(step) for step in reselect_steps):
+            raise ValueError(f"reselect_steps must be positive ints (global steps), got {reselect_steps!r}")
+        if loss_fn is not None and not callable(loss_fn):
+            raise ValueError(f"loss_fn must be callable as loss_fn(model, batch), got {loss_fn!r}")
         self.num_batches = num_batches
         self.adapter_name = adapter_name
         self.loss_fn = loss_fn

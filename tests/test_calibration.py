@@ -325,3 +325,15 @@ def test_loss_fn_must_return_a_scalar_tensor():
     model = get_peft_model(tiny_llama(), SparseAdapterConfig(target_modules=["q_proj"], mask_init="gradient"))
     with pytest.raises(TypeError, match="scalar tensor"):
         calibrate_masks(model, lm_batches(1), loss_fn=lambda m, b: 1.0, progress=False)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"num_batches": 0}, {"num_batches": 1.5}, {"reselect_steps": [0]}, {"reselect_steps": [2, "5"]}, {"loss_fn": 3}],
+)
+def test_callback_arguments_are_validated(kwargs):
+    from peft_sparse import SparseMaskCalibrationCallback
+
+    field = next(iter(kwargs))
+    with pytest.raises(ValueError, match=field):
+        SparseMaskCalibrationCallback(**kwargs)
