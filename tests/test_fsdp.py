@@ -83,6 +83,15 @@ def test_reselection_resets_values_and_picks_the_global_top_k(tmp_path, mode):
             assert data["unchanged_after_refusal"]
 
 
+def test_warmup_reselection_under_fsdp2_agrees_across_ranks_and_resets_values(tmp_path):
+    rank0, rank1 = run_ranks(tmp_path, "fsdp2", "warmup")
+    for name, mask in rank0["masks"].items():
+        assert torch.equal(mask, rank1["masks"][name])
+        assert all(torch.all(data["values"][name] == 0) for data in (rank0, rank1))
+    assert any(not torch.equal(rank0["masks"][n], rank0["initial_masks"][n]) for n in rank0["masks"])
+    torch.testing.assert_close(rank0["logits"], rank0["base_logits"], rtol=0, atol=1e-5)
+
+
 def test_trainer_callback_reselects_identically_on_ddp_ranks(tmp_path):
     """The docs' recipe: Trainer + SparseMaskCalibrationCallback(reselect_steps=[2]) under torchrun (DDP, gloo)."""
     torchrun(SCRIPT.with_name("dist_trainer.py"), str(tmp_path))
