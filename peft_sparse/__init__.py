@@ -5,14 +5,20 @@ from .registration import register
 PEFT_TYPE = register()
 
 from .calibration import SparseMaskCalibrationCallback, calibrate_masks  # noqa: E402
+from .clustering import ClusterResult, cluster_experts  # noqa: E402
 from .config import SparseAdapterConfig  # noqa: E402
 from .layer import SparseAdapterLayer  # noqa: E402
+from .library import ExpertLibrary, LibraryError  # noqa: E402
 from .model import SparseAdapterModel  # noqa: E402
 
 __all__ = [
     "PEFT_TYPE",
     "SparseMaskCalibrationCallback",
     "calibrate_masks",
+    "ClusterResult",
+    "cluster_experts",
+    "ExpertLibrary",
+    "LibraryError",
     "SparseAdapterConfig",
     "SparseAdapterLayer",
     "SparseAdapterModel",

@@ -112,6 +112,16 @@ def _weight_grad(layer: SparseAdapterLayer, x: torch.Tensor, g: torch.Tensor) ->
 
 
 @contextmanager
+def _scoring_weight(layer: SparseAdapterLayer):
+    """The base weight as numbers: dequantized for a quantized base, else whole (gathered / ``full_tensor``)."""
+    if getattr(layer, "quantization_backend", None) is not None:
+        yield layer.logical_weight()
+    else:
+        with full_weight(layer.get_base_layer()) as weight:
+            yield weight
+
+
+@contextmanager
 def _calibration_state(model: nn.Module, layers: dict[str, SparseAdapterLayer], adapter_name: str):
     """Only ``adapter_name`` active and differentiable, eval mode, grads untouched; all restored afterwards."""
     was_training = model.training
@@ -270,7 +280,7 @@ def calibrate_masks(
     with full_params(model):  # FSDP1: whole parameters, in-place changes written back
         for name, layer in layers.items():
             if name not in scores:  # magnitude / snip read the whole base weight (gathered when sharded)
-                with full_weight(layer.get_base_layer()) as weight:
+                with _scoring_weight(layer) as weight:
                     scores[name] = masks.score(weight, grads.pop(name, None), kind)
         block = config.block_size
         if config.budget_scope == "global":

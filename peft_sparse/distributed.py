@@ -1,4 +1,4 @@
-"""Whole-weight helpers: FSDP2 (DTensor), FSDP1 (``FullyShardedDataParallel``), DeepSpeed ZeRO-3, quantized bases.
+"""Sharded-parameter helpers: FSDP2 (DTensor), FSDP1 (``FullyShardedDataParallel``) and DeepSpeed ZeRO-3.
 
 Masks are chosen from whole weights and the values are reset in place, so the code that scores weights or changes
 masks goes through these helpers; under plain single-process or DDP training they do nothing.
@@ -12,7 +12,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 from torch import nn
 
-from .registration import dequantize_module_weight, gather_params_ctx
+from .registration import gather_params_ctx
 
 # prefixes the wrappers insert into module names (FSDP1, activation checkpointing, torch.compile)
 WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
@@ -69,14 +69,13 @@ def full_params(model: nn.Module):
 
 @contextmanager
 def full_weight(module: nn.Module) -> Iterator[torch.Tensor]:
-    """The whole logical ``module.weight``, detached: gathered under ZeRO-3, ``full_tensor()`` under FSDP2, and
-    dequantized (PEFT's ``dequantize_module_weight``: bitsandbytes, torchao, HQQ) for quantized layers."""
+    """The whole ``module.weight``, detached: gathered under ZeRO-3, ``full_tensor()`` under FSDP2.
+
+    Quantized bases are read through ``quantized.dequantized_weight`` instead (``SparseAdapterLayer.logical_weight``).
+    """
     weight = module.weight
     with gather_params_ctx(weight, modifier_rank=None):  # ZeRO-3: all-gather, read only
-        if is_dtensor(weight):
-            yield weight.detach().full_tensor()
-        else:
-            yield dequantize_module_weight(module).detach()  # the weight itself when not quantized
+        yield weight.detach().full_tensor() if is_dtensor(weight) else weight.detach()
 
 
 __all__ = ["clean_module_name", "full_params", "full_weight", "fsdp1_root", "is_dtensor", "is_sharded", "unwrap"]

@@ -169,27 +169,3 @@ def test_partitioned_weights_are_gathered_for_injection_and_scoring(monkeypatch)
     calibrate_masks(model, lm_batches(1), score_kind="magnitude", progress=False)
     assert len(gathered) == 4
 
-
-def test_full_weight_is_the_logical_weight_of_quantized_layers():
-    """Scores read bitsandbytes / torchao layers through their dequantized (out, in) weight, not packed storage."""
-    bnb = pytest.importorskip("bitsandbytes")
-    torchao_quantization = pytest.importorskip("torchao.quantization")
-    from peft_sparse.distributed import full_weight
-
-    torch.manual_seed(0)
-    reference = torch.randn(32, 64)
-    four_bit = bnb.nn.Linear4bit(64, 32, bias=False, compute_dtype=torch.float32)
-    four_bit.weight = bnb.nn.Params4bit(reference.clone(), requires_grad=False, quant_type="nf4")
-    four_bit = four_bit.to("cpu")  # quantizes: packed storage
-    assert tuple(four_bit.weight.shape) != (32, 64)
-    int8 = torch.nn.Sequential(torch.nn.Linear(64, 32, bias=False))
-    with torch.no_grad():
-        int8[0].weight.copy_(reference)
-    torchao_quantization.quantize_(int8, torchao_quantization.Int8WeightOnlyConfig())
-    plain = torch.nn.Linear(64, 32, bias=False)
-    with torch.no_grad():
-        plain.weight.copy_(reference)
-    for module, tolerance in ((four_bit, 0.5), (int8[0], 0.05), (plain, 0.0)):
-        with full_weight(module) as weight:
-            assert weight.shape == (32, 64) and not weight.requires_grad
-            assert float((weight.float() - reference).abs().max()) <= tolerance
