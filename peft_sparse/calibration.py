@@ -21,16 +21,21 @@ from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
 from . import masks
+from .distributed import clean_module_name, fsdp1_root, full_params, full_weight, is_sharded, unwrap
 from .layer import SparseAdapterLayer
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
 
 def tuner_root(model: nn.Module) -> nn.Module:
-    """The module whose ``named_modules`` keys match ``entries_pattern`` (the base model inside the tuner)."""
+    """The module whose ``named_modules`` keys match ``entries_pattern`` (the base model inside the tuner).
+
+    DDP / FSDP1 / DeepSpeed-engine wrappers around the PEFT model are looked through.
+    """
     from peft import PeftModel
     from peft.tuners.tuners_utils import BaseTuner
 
+    model = unwrap(model)
     if isinstance(model, PeftModel):
         model = model.base_model
     return model.model if isinstance(model, BaseTuner) else model
@@ -38,7 +43,7 @@ def tuner_root(model: nn.Module) -> nn.Module:
 
 def _sparse_layers(root: nn.Module, adapter_name: str) -> dict[str, SparseAdapterLayer]:
     return {
-        name: m
+        clean_module_name(name): m  # FSDP1 auto-wrapping inserts `_fsdp_wrapped_module.` into the names
         for name, m in root.named_modules()
         if isinstance(m, SparseAdapterLayer) and adapter_name in m.sparse_adapter_values
     }
@@ -64,13 +69,38 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
-def _loss(model: nn.Module, batch: Any, loss_fn: LossFn | None) -> torch.Tensor:
+def _check_batches(batches: list[Any], loss_fn: LossFn | None) -> None:
+    """Refuse batches the model cannot take, or whose labels supervise nothing, before any work is done."""
+    for number, batch in enumerate(batches):
+        if loss_fn is None and not isinstance(batch, Mapping):
+            raise TypeError(
+                f"calibration batch {number} is a {type(batch).__module__}.{type(batch).__qualname__}; without "
+                "loss_fn the batches must be dicts of model inputs with `labels` (called as model(**batch)). "
+                "Pass loss_fn(model, batch) for other batch types."
+            )
+        labels = batch.get("labels") if isinstance(batch, Mapping) else None
+        if isinstance(labels, torch.Tensor) and labels.numel() and bool((labels == -100).all()):
+            raise ValueError(
+                f"calibration batch {number} has no supervised tokens (every label is -100), so its loss is "
+                "undefined; drop such batches (e.g. prompts longer than the sequence limit) before calibrating"
+            )
+
+
+def _loss(model: nn.Module, batch: Any, loss_fn: LossFn | None, number: int) -> torch.Tensor:
     if loss_fn is not None:
-        return loss_fn(model, batch)
-    out = model(**batch)
-    loss = out.get("loss") if isinstance(out, Mapping) else getattr(out, "loss", None)
-    if loss is None:
-        raise ValueError("the model returned no loss: put `labels` in the batches or pass loss_fn(model, batch)")
+        loss = loss_fn(model, batch)
+    else:
+        out = model(**batch)
+        loss = out.get("loss") if isinstance(out, Mapping) else getattr(out, "loss", None)
+        if loss is None:
+            raise ValueError("the model returned no loss: put `labels` in the batches or pass loss_fn(model, batch)")
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        raise TypeError(f"the loss of calibration batch {number} must be a scalar tensor, got {type(loss).__name__}")
+    if not torch.isfinite(loss.detach()).all():
+        raise ValueError(
+            f"calibration batch {number} gave a non-finite loss ({float(loss.detach())}); masks left unchanged. "
+            "Check for batches without supervised tokens (all labels -100) or a diverged model."
+        )
     return loss
 
 
@@ -79,6 +109,16 @@ def _weight_grad(layer: SparseAdapterLayer, x: torch.Tensor, g: torch.Tensor) ->
     x2 = x.reshape(-1, x.shape[-1]).float()
     g2 = g.reshape(-1, g.shape[-1]).float()
     return x2.T @ g2 if layer.transposed else g2.T @ x2
+
+
+@contextmanager
+def _scoring_weight(layer: SparseAdapterLayer):
+    """The base weight as numbers: dequantized for a quantized base, else whole (gathered / ``full_tensor``)."""
+    if getattr(layer, "quantization_backend", None) is not None:
+        yield layer.logical_weight()
+    else:
+        with full_weight(layer.get_base_layer()) as weight:
+            yield weight
 
 
 @contextmanager
@@ -134,9 +174,9 @@ def _accumulate_gradients(model, layers, batches, loss_fn, device, progress) -> 
 
         handles.append(layer.register_forward_hook(forward_hook))
     try:
-        for batch in tqdm(batches, desc="calibrating masks", disable=not progress):
+        for number, batch in enumerate(tqdm(batches, desc="calibrating masks", disable=not progress)):
             model.zero_grad(set_to_none=True)
-            _loss(model, _to_device(batch, device), loss_fn).backward()
+            _loss(model, _to_device(batch, device), loss_fn, number).backward()
     finally:
         for handle in handles:
             handle.remove()
@@ -165,10 +205,13 @@ def _warmup_scores(model, layers, batches, loss_fn, device, steps, lr, progress)
         bar = tqdm(range(steps + 1), desc="warm-up for mask selection", disable=not progress)
         for step in bar:
             optimizer.zero_grad(set_to_none=True)
-            _loss(model, _to_device(batches[step % len(batches)], device), loss_fn).backward()
+            number = step % len(batches)
+            _loss(model, _to_device(batches[number], device), loss_fn, number).backward()
             if step < steps:
                 optimizer.step()
         for name, delta in deltas.items():
+            if not torch.isfinite(delta.detach()).all():
+                raise ValueError(f"the warm-up delta of {name!r} became non-finite; lower warmup_lr")
             scores[name] = (delta.grad * delta.detach()).abs()
     finally:
         for handle in handles:
@@ -193,7 +236,10 @@ def calibrate_masks(
     ``batches`` are dicts passed as ``model(**batch)`` (loss from ``labels``) or anything ``loss_fn(model, batch)``
     understands. The score kind defaults to the config's ``mask_init`` (``snip``, ``gradient`` or ``warmup``).
     Under ``torch.distributed`` the gradients (warm-up: the scores) are summed over ranks, so every rank ends
-    with the same mask, the one a single process would pick from all ranks' batches.
+    with the same mask, the one a single process would pick from all ranks' batches. Under FSDP2 / FSDP /
+    ZeRO-3 the base weights are gathered for scoring and the values are zeroed in their shards (``budget_scope=
+    "global"``, which resizes them, is refused there). Batches without supervised tokens, non-finite losses and
+    non-dict batches without ``loss_fn`` are refused before the masks change.
     Returns the number of stored rows per module.
     """
     root = tuner_root(model)
@@ -208,6 +254,15 @@ def calibrate_masks(
     if not layers:
         raise ValueError(f"no sparse adapter layers named {adapter_name!r} in the model")
     taken = _take_batches(batches, num_batches)
+    _check_batches(taken, loss_fn)
+    sharded = fsdp1_root(model) is not None or any(
+        is_sharded(layer.sparse_adapter_values[adapter_name]) for layer in layers.values()
+    )
+    if sharded and config.budget_scope == "global":
+        raise ValueError(
+            "budget_scope='global' changes the per-layer sizes of the values, which FSDP / ZeRO-3 sharded "
+            "parameters cannot take; use budget_scope='layer', or calibrate before sharding the model"
+        )
     device = next(iter(layers.values())).sparse_adapter_values[adapter_name].device
     with _calibration_state(model, layers, adapter_name):
         if kind == "warmup":
@@ -215,26 +270,30 @@ def calibrate_masks(
                 model, layers, taken, loss_fn, device, config.warmup_steps, config.warmup_lr, progress
             )
             _all_reduce_sum(scores.values())
+            grads = {}
         elif kind == "magnitude":
-            scores = {n: masks.score(layer.logical_weight(), None, kind) for n, layer in layers.items()}
+            scores, grads = {}, {}
         else:
             grads = _accumulate_gradients(model, layers, taken, loss_fn, device, progress)
             _all_reduce_sum(grads.values())  # the gradient over all ranks' batches, as on one process
             scores = {}
-            for name, layer in layers.items():
-                scores[name] = masks.score(layer.logical_weight(), grads.pop(name), kind)
-    block = config.block_size
-    if config.budget_scope == "global":
-        total = sum(layer.sparse_adapter_indices[adapter_name].numel() for layer in layers.values())
-        chosen = masks.select_global(scores, total, block)
-    else:
-        chosen = {
-            name: masks.select(scores[name], layer.sparse_adapter_indices[adapter_name].numel(), block)
-            for name, layer in layers.items()
-        }
-    for name, layer in layers.items():
-        layer.set_mask(adapter_name, chosen[name])
-        config.entries_pattern[name] = int(chosen[name].numel())
+    with full_params(model):  # FSDP1: whole parameters, in-place changes written back
+        for name, layer in layers.items():
+            if name not in scores:  # magnitude / snip read the whole base weight (gathered when sharded)
+                with _scoring_weight(layer) as weight:
+                    scores[name] = masks.score(weight, grads.pop(name, None), kind)
+        block = config.block_size
+        if config.budget_scope == "global":
+            total = sum(layer.sparse_adapter_indices[adapter_name].numel() for layer in layers.values())
+            chosen = masks.select_global(scores, total, block)
+        else:
+            chosen = {
+                name: masks.select(scores[name], layer.sparse_adapter_indices[adapter_name].numel(), block)
+                for name, layer in layers.items()
+            }
+        for name, layer in layers.items():
+            layer.set_mask(adapter_name, chosen[name])
+            config.entries_pattern[name] = int(chosen[name].numel())
     return {name: int(index.numel()) for name, index in chosen.items()}
 
 
@@ -247,12 +306,22 @@ class SparseMaskCalibrationCallback(TrainerCallback):
 
     def __init__(
         self,
-        num_batches: int = 8,
+        num_batches: int | None = 8,
         adapter_name: str | None = None,
         loss_fn: LossFn | None = None,
         reselect_steps: Iterable[int] = (),
         progress: bool = True,
     ) -> None:
+        def positive_int(value: object) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+        if num_batches is not None and not positive_int(num_batches):
+            raise ValueError(f"num_batches must be a positive int (or None: every batch), got {num_batches!r}")
+        reselect_steps = list(reselect_steps)
+        if not all(positive_int(step) for step in reselect_steps):
+            raise ValueError(f"reselect_steps must be positive ints (global steps), got {reselect_steps!r}")
+        if loss_fn is not None and not callable(loss_fn):
+            raise ValueError(f"loss_fn must be callable as loss_fn(model, batch), got {loss_fn!r}")
         self.num_batches = num_batches
         self.adapter_name = adapter_name
         self.loss_fn = loss_fn

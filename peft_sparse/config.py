@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from peft.config import PeftConfig
+from peft.utils import SAFETENSORS_WEIGHTS_NAME
 
-from .files import add_install_note
+from .files import add_install_note, apply_default_mode
 from .registration import PEFT_TYPE_NAME, _add_peft_type_member
 
 MASK_INITS = ("random", "magnitude", "snip", "gradient", "warmup")
@@ -68,33 +72,63 @@ class SparseAdapterConfig(PeftConfig):
         if isinstance(self.exclude_modules, list | tuple):
             self.exclude_modules = set(self.exclude_modules)
         self.validate()
+        # numpy scalars pass validation; store plain Python numbers so the config serialises to JSON
+        for name in ("num_params", "lora_rank", "block_size", "seed", "warmup_steps"):
+            if getattr(self, name) is not None:
+                setattr(self, name, int(getattr(self, name)))
+        self.keep_ratio, self.warmup_lr = float(self.keep_ratio), float(self.warmup_lr)
+        self.lora_rank_pattern = {k: int(v) for k, v in self.lora_rank_pattern.items()}
+        self.entries_pattern = {k: int(v) for k, v in self.entries_pattern.items()}
+        self.weight_shapes = {k: [int(d) for d in shape] for k, shape in self.weight_shapes.items()}
 
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the first invalid field."""
-        if not (0.0 < float(self.keep_ratio) <= 1.0):
-            raise ValueError(f"keep_ratio must be in (0, 1], got {self.keep_ratio}")
+        """Raise ``ValueError`` naming the first field whose type or range is invalid; nothing is modified."""
+        _check_names("target_modules", self.target_modules)
+        _check_names("exclude_modules", self.exclude_modules)
+        if not _is_real(self.keep_ratio) or not (0.0 < float(self.keep_ratio) <= 1.0):
+            raise ValueError(f"keep_ratio must be a number in (0, 1], got {self.keep_ratio!r}")
+        _check_int("num_params", self.num_params, minimum=1, optional=True)
+        _check_int("lora_rank", self.lora_rank, minimum=1, optional=True)
+        if self.num_params is not None and self.lora_rank is not None:
+            raise ValueError("give at most one of num_params and lora_rank")
+        _check_mapping("lora_rank_pattern", self.lora_rank_pattern, minimum=1)
+        _check_int("block_size", self.block_size, minimum=1, optional=True)
         if self.mask_init not in MASK_INITS:
             raise ValueError(f"mask_init must be one of {MASK_INITS}, got {self.mask_init!r}")
         if self.budget_scope not in ("layer", "global"):
             raise ValueError(f"budget_scope must be 'layer' or 'global', got {self.budget_scope!r}")
-        if self.block_size is not None and (not isinstance(self.block_size, int) or self.block_size < 1):
-            raise ValueError(f"block_size must be None or a positive int, got {self.block_size!r}")
-        if self.num_params is not None and self.lora_rank is not None:
-            raise ValueError("give at most one of num_params and lora_rank")
-        if self.num_params is not None and int(self.num_params) < 1:
-            raise ValueError(f"num_params must be a positive int, got {self.num_params}")
-        if self.lora_rank is not None and int(self.lora_rank) < 1:
-            raise ValueError(f"lora_rank must be a positive int, got {self.lora_rank}")
+        _check_int("seed", self.seed, minimum=None, optional=True)
+        _check_int("warmup_steps", self.warmup_steps, minimum=1)
+        if not _is_real(self.warmup_lr) or not (math.isfinite(float(self.warmup_lr)) and float(self.warmup_lr) > 0):
+            raise ValueError(f"warmup_lr must be a finite number > 0, got {self.warmup_lr!r}")
+        for name in ("fan_in_fan_out", "init_weights"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        layers = self.layers_to_transform
+        if layers is not None:
+            for layer in [layers] if not isinstance(layers, list | tuple) else layers:
+                _check_int("layers_to_transform", layer, minimum=0)
+        _check_names("layers_pattern", self.layers_pattern)
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("layers_pattern requires layers_to_transform")
-        for name, count in self.entries_pattern.items():
-            if int(count) < 0:
-                raise ValueError(f"entries_pattern[{name!r}] must be >= 0, got {count}")
+        _check_names("modules_to_save", self.modules_to_save)
+        _check_mapping("entries_pattern", self.entries_pattern, minimum=0)
+        if not isinstance(self.weight_shapes, dict):
+            raise ValueError(f"weight_shapes must be a dict, got {type(self.weight_shapes).__name__}")
+        for name, shape in self.weight_shapes.items():
+            if not (isinstance(shape, list | tuple) and len(shape) == 2 and all(_is_int(d) and d > 0 for d in shape)):
+                raise ValueError(f"weight_shapes[{name!r}] must be [rows, cols] of positive ints, got {shape!r}")
+        if not isinstance(self.requires, str):
+            raise ValueError(f"requires must be a string, got {self.requires!r}")
 
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
-        """Save the JSON config and make sure the model card says how to install and import the plugin."""
+        """Save the JSON config and make sure the model card says how to install and import the plugin.
+
+        PEFT saves the weights just before the config; their file gets the umask's mode like the other files.
+        """
         super().save_pretrained(save_directory, **kwargs)
         add_install_note(save_directory)
+        apply_default_mode(os.path.join(save_directory, SAFETENSORS_WEIGHTS_NAME))
 
     @property
     def is_data_driven(self) -> bool:
@@ -130,6 +164,39 @@ class SparseAdapterConfig(PeftConfig):
         if "num_params" in overrides and "lora_rank" not in overrides:
             kwargs["lora_rank"] = None
         return cls(**kwargs)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)  # numpy ints too
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _check_int(field_name: str, value: object, minimum: int | None, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if not _is_int(value) or (minimum is not None and value < minimum):  # type: ignore[operator]
+        wanted = "an int" if minimum is None else ("a positive int" if minimum == 1 else f"an int >= {minimum}")
+        raise ValueError(f"{field_name} must be {wanted}{' or None' if optional else ''}, got {value!r}")
+
+
+def _check_mapping(field_name: str, value: object, minimum: int) -> None:
+    if not isinstance(value, dict):
+        raise ValueError(f"{field_name} must be a dict of module name -> int, got {type(value).__name__}")
+    for key, count in value.items():
+        if not isinstance(key, str):
+            raise ValueError(f"{field_name} keys must be module names (str), got {key!r}")
+        _check_int(f"{field_name}[{key!r}]", count, minimum=minimum)
+
+
+def _check_names(field_name: str, value: object) -> None:
+    """None, a string (suffix or regex), or a collection of strings."""
+    if value is None or isinstance(value, str):
+        return
+    if not isinstance(value, list | tuple | set | frozenset) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{field_name} must be a string or a list of strings, got {value!r}")
 
 
 __all__ = ["DATA_DRIVEN_MASK_INITS", "MASK_INITS", "PEFT_TYPE_NAME", "SparseAdapterConfig"]

@@ -34,6 +34,15 @@ def default_mode(kind: str) -> int:
     return (0o777 if kind == "dir" else 0o666) & ~umask
 
 
+def apply_default_mode(path: str | os.PathLike) -> None:
+    """Give an existing file the mode a plain ``open()`` would (0644 under umask 022).
+
+    safetensors writes through a private temporary file, so its files come out as 0600 whatever the umask.
+    """
+    if os.path.isfile(path):
+        os.chmod(path, default_mode("file"))
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temporary file in the same directory and ``os.replace``."""
     path = Path(path)

@@ -18,8 +18,9 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from . import masks, quantized
+from .distributed import is_sharded
 from .ops import block_sparse_delta, block_sparse_linear, sparse_delta, sparse_linear
-from .registration import BufferDict
+from .registration import BufferDict, gather_params_ctx
 
 SUPPORTED_BASE_LAYERS = (nn.Linear, Conv1D)
 
@@ -33,11 +34,13 @@ def adapter_dtype(weight_dtype: torch.dtype) -> torch.dtype:
 def storage_shape(base_layer: nn.Module, quantized_base: bool = False) -> tuple[int, int]:
     """Shape of the base weight's layout: (out, in) for Linear, (in, out) for Conv1D.
 
-    For a quantized base (``quantized_base``) this is the logical (dequantized) shape, not the packed storage.
+    For a quantized base (``quantized_base``) this is the logical (dequantized) shape, not the packed storage;
+    under DeepSpeed ZeRO-3 (a partitioned weight) it is the whole weight's ``ds_shape``.
     """
     if quantized_base:
         return quantized.logical_shape(base_layer)
-    return tuple(base_layer.weight.shape)  # type: ignore[return-value]
+    weight = base_layer.weight
+    return tuple(getattr(weight, "ds_shape", weight.shape))  # type: ignore[return-value]
 
 
 def _check_before_load(layer: SparseAdapterLayer, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
@@ -113,12 +116,27 @@ class SparseAdapterLayer(BaseTunerLayer):
     def set_mask(self, adapter_name: str, indices: torch.Tensor) -> None:
         """Replace the mask and reset the values to zero, keeping the same Parameter object (optimizer-safe).
 
-        Bad indices (out of range, unsorted, duplicated) are refused before anything changes."""
+        Bad indices (out of range, unsorted, duplicated) are refused before anything changes. Same size: the
+        values are zeroed in place, which also reaches the storage FSDP2 (DTensor shards), FSDP1 (flat-parameter
+        views) and ZeRO-3 (partitions, gathered here) read from. A new size replaces ``.data``, which sharded
+        parameters cannot take, so that case is refused for them before anything changes.
+        """
         values = self.sparse_adapter_values[adapter_name]
-        width = self.entry_width(adapter_name)
         masks.check_indices(indices, self.num_positions(adapter_name), None, self._where(adapter_name))
+        size = indices.numel() * self.entry_width(adapter_name)
+        same_size = size == getattr(values, "ds_numel", values.numel())  # ZeRO-3 partitions report 0 locally
+        if not same_size and is_sharded(values):
+            raise ValueError(
+                f"cannot resize the sharded values of sparse adapter {adapter_name!r} on {self.module_name} "
+                f"({values.numel()} -> {size}) under FSDP / ZeRO-3; keep the per-layer sizes (budget_scope='layer')"
+            )
         self.sparse_adapter_indices[adapter_name] = indices.to(values.device)
-        values.data = torch.zeros(indices.numel() * width, dtype=values.dtype, device=values.device)
+        with torch.no_grad():
+            if same_size:
+                with gather_params_ctx(values, modifier_rank=0):
+                    values.zero_()
+            else:
+                values.data = torch.zeros(size, dtype=values.dtype, device=values.device)
         values.grad = None
         self._validated[adapter_name] = self._state_key(adapter_name)
 

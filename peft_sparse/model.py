@@ -15,6 +15,7 @@ from torch import nn
 
 from . import masks, quantized
 from .config import SparseAdapterConfig
+from .distributed import full_weight
 from .layer import SUPPORTED_BASE_LAYERS, Linear, SparseAdapterLayer, storage_shape
 from .presets import is_preset, resolve_preset
 from .registration import PREFIX, _maybe_include_all_linear_layers
@@ -29,6 +30,16 @@ def _lora_entries(config: SparseAdapterConfig, key: str, shape: tuple[int, int])
 def plan_budget(config: SparseAdapterConfig, shapes: dict[str, tuple[int, int]]) -> dict[str, int]:
     """Stored rows (entries or blocks) for every new target, from the config's budget fields."""
     block = config.block_size
+    if block is not None:
+        too_small = {key: shape for key, shape in shapes.items() if block > min(shape)}
+        if too_small:
+            key, shape = next(iter(too_small.items()))
+            raise ValueError(
+                f"block_size={block} is larger than the weight of {key!r} (shape {tuple(shape)}): its blocks would "
+                "store padding beyond the weight's edge, counted as trainable parameters. Use block_size <= "
+                f"{min(min(s) for s in shapes.values())} (the smallest targeted dimension) or exclude the "
+                f"{len(too_small)} module(s) with a smaller dimension"
+            )
     sizes = {key: shape[0] * shape[1] for key, shape in shapes.items()}
     if config.num_params is not None:
         # split in selectable units (entries or blocks) so the stored total is exactly the budget
@@ -40,6 +51,13 @@ def plan_budget(config: SparseAdapterConfig, shapes: dict[str, tuple[int, int]])
         return masks.split_budget(units, {key: masks.num_slots(shape, block) for key, shape in shapes.items()})
     if config.lora_rank is not None:
         entries = {key: _lora_entries(config, key, shape) for key, shape in shapes.items()}
+        if block is not None:  # whole blocks over all targets, so the total stays LoRA's (within half a block)
+            for key, count in entries.items():
+                if count > sizes[key]:
+                    raise ValueError(f"budget of {count} entries for {key!r} exceeds its {sizes[key]} weight entries")
+            units = max(1, round(sum(entries.values()) / block**2))
+            split = masks.split_budget(units, entries)
+            return {key: min(rows, masks.num_slots(shapes[key], block)) for key, rows in split.items()}
     else:
         entries = {key: float(config.keep_ratio) * size for key, size in sizes.items()}
     rows = {}
@@ -127,9 +145,12 @@ class SparseAdapterModel(BaseTuner):
             shape = storage_shape(base, backend is not None)
             indices = torch.arange(rows, dtype=masks.index_dtype(masks.num_slots(shape, None)))
         else:
-            # scores come from the logical weight: dequantized (transiently) for a quantized base
-            weight = base.weight if backend is None else quantized.dequantized_weight(backend, base)
-            indices = initial_mask(peft_config, adapter_name, current_key, weight)
+            if backend is None:
+                with full_weight(base) as weight:  # ZeRO-3 partitions the weight: gather it (read only) to score it
+                    indices = initial_mask(peft_config, adapter_name, current_key, weight)
+            else:  # scores come from the logical weight: dequantized (transiently) for a quantized base
+                weight = quantized.dequantized_weight(backend, base)
+                indices = initial_mask(peft_config, adapter_name, current_key, weight)
         if isinstance(target, SparseAdapterLayer):
             target.update_layer(adapter_name, indices, peft_config.block_size, init_weights=peft_config.init_weights)
             return

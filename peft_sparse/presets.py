@@ -9,6 +9,7 @@ _BERT_LIKE = {
     "qkv": ["query", "key", "value"],
     "mlp": r".*\.layer\.\d+\.(intermediate\.dense|output\.dense)",
 }
+_NEOX_LIKE = {"qkv": ["query_key_value"], "mlp": ["dense_h_to_4h", "dense_4h_to_h"]}
 
 PRESETS: dict[str, dict[str, list[str] | str]] = {
     **{
@@ -19,6 +20,11 @@ PRESETS: dict[str, dict[str, list[str] | str]] = {
     "gpt2": {"qkv": ["c_attn"], "mlp": r".*\.mlp\.(c_fc|c_proj)"},
     "phi": {"qkv": ["q_proj", "k_proj", "v_proj"], "mlp": ["fc1", "fc2"]},
     "phi3": {"qkv": ["qkv_proj"], "mlp": ["gate_up_proj", "down_proj"]},
+    # fused query_key_value; FalconLinear subclasses nn.Linear
+    **{name: _NEOX_LIKE for name in ("gpt_neox", "falcon")},
+    "opt": {"qkv": ["q_proj", "k_proj", "v_proj"], "mlp": ["fc1", "fc2"]},
+    # T5: self- and cross-attention q/k/v; DenseReluDense wi/wo (gated variants: wi_0, wi_1)
+    **{name: {"qkv": ["q", "k", "v"], "mlp": ["wi", "wi_0", "wi_1", "wo"]} for name in ("t5", "mt5", "umt5")},
 }
 PRESET_NAMES = ("qkv", "mlp")
 

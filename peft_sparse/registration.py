@@ -47,5 +47,14 @@ def register() -> PeftType:
 # Private PEFT helpers the tuner relies on; imported here so no other module reaches into PEFT internals.
 from peft.tuners._buffer_dict import BufferDict  # noqa: E402
 from peft.tuners.tuners_utils import _maybe_include_all_linear_layers  # noqa: E402
+from peft.utils.integrations import gather_params_ctx  # noqa: E402  (DeepSpeed ZeRO-3 parameter gathering)
 
-__all__ = ["BufferDict", "METHOD_NAME", "PEFT_TYPE_NAME", "PREFIX", "_maybe_include_all_linear_layers", "register"]
+__all__ = [
+    "BufferDict",
+    "METHOD_NAME",
+    "PEFT_TYPE_NAME",
+    "PREFIX",
+    "_maybe_include_all_linear_layers",
+    "gather_params_ctx",
+    "register",
+]

@@ -271,3 +271,69 @@ def test_distributed_ranks_agree_on_the_mask_of_the_summed_gradients(tmp_path):
         local = sorted(range(scores_rank0[name].numel()), key=lambda i: -float(scores_rank0[name].flatten()[i]))
         differs_from_local |= sorted(local[: indices.numel()]) != indices.tolist()
     assert differs_from_local  # the other rank's data mattered
+
+
+# --- refused inputs ----------------------------------------------------------------------------------------------
+def _state(model) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("kind", ["gradient", "warmup"])
+def test_batches_without_supervised_tokens_are_refused_and_nothing_changes(kind):
+    config = SparseAdapterConfig(target_modules=["q_proj", "v_proj"], mask_init=kind, warmup_steps=1)
+    model = get_peft_model(tiny_llama(), config)
+    set_random_values(model)
+    state, pattern = _state(model), dict(model.peft_config["default"].entries_pattern)
+    batches = lm_batches(3)
+    batches[1] = {**batches[1], "labels": torch.full_like(batches[1]["labels"], -100)}
+    with pytest.raises(ValueError, match=r"batch 1 has no supervised tokens"):
+        calibrate_masks(model, batches, progress=False)
+    assert_same_tensors(_state(model), state)
+    assert model.peft_config["default"].entries_pattern == pattern
+
+
+def test_a_non_finite_loss_is_refused_and_nothing_changes():
+    model = get_peft_model(tiny_llama(), SparseAdapterConfig(target_modules=["q_proj"], mask_init="snip"))
+    set_random_values(model)
+    state = _state(model)
+    # only the first position supervised: after the causal shift no token is left, so the loss is NaN
+    batch = lm_batches(1)[0]
+    labels = torch.full_like(batch["labels"], -100)
+    labels[:, 0] = batch["labels"][:, 0]
+    with pytest.raises(ValueError, match=r"batch 0 gave a non-finite loss \(nan\); masks left unchanged"):
+        calibrate_masks(model, [{**batch, "labels": labels}], progress=False)
+    with pytest.raises(ValueError, match="non-finite loss"):
+        calibrate_masks(model, lm_batches(1), loss_fn=lambda m, b: m(**b).loss * float("inf"), progress=False)
+    assert_same_tensors(_state(model), state)
+
+
+@pytest.mark.parametrize(
+    ("batch", "type_name"), [(torch.zeros(2, 8, dtype=torch.long), "torch.Tensor"), ([1, 2], "builtins.list")]
+)
+def test_batch_type_errors_name_the_batch_type_not_the_model(batch, type_name):
+    model = get_peft_model(tiny_llama(), SparseAdapterConfig(target_modules=["q_proj"], mask_init="gradient"))
+    state = _state(model)
+    with pytest.raises(TypeError) as error:
+        calibrate_masks(model, lm_batches(1) + [batch], progress=False)
+    message = str(error.value)
+    assert f"batch 1 is a {type_name}" in message and "loss_fn" in message
+    assert "LlamaForCausalLM" not in message and len(message) < 400
+    assert_same_tensors(_state(model), state)
+
+
+def test_loss_fn_must_return_a_scalar_tensor():
+    model = get_peft_model(tiny_llama(), SparseAdapterConfig(target_modules=["q_proj"], mask_init="gradient"))
+    with pytest.raises(TypeError, match="scalar tensor"):
+        calibrate_masks(model, lm_batches(1), loss_fn=lambda m, b: 1.0, progress=False)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"num_batches": 0}, {"num_batches": 1.5}, {"reselect_steps": [0]}, {"reselect_steps": [2, "5"]}, {"loss_fn": 3}],
+)
+def test_callback_arguments_are_validated(kwargs):
+    from peft_sparse import SparseMaskCalibrationCallback
+
+    field = next(iter(kwargs))
+    with pytest.raises(ValueError, match=field):
+        SparseMaskCalibrationCallback(**kwargs)

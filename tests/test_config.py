@@ -288,3 +288,192 @@ def test_weight_shape_mismatch_errors():
     config = SparseAdapterConfig(target_modules=["q_proj"], weight_shapes={"model.layers.0.self_attn.q_proj": [8, 8]})
     with pytest.raises(ValueError, match="shape"):
         get_peft_model(tiny_llama(layers=1), config)
+
+
+# --- every field validated on construction ------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("target_modules", 3),
+        ("target_modules", ["q_proj", 3]),
+        ("exclude_modules", 1.5),
+        ("keep_ratio", "0.1"),
+        ("keep_ratio", float("nan")),
+        ("keep_ratio", True),
+        ("num_params", 10.5),
+        ("num_params", -1),
+        ("lora_rank", 1.5),
+        ("lora_rank", "8"),
+        ("lora_rank", True),
+        ("lora_rank_pattern", {"q_proj": 0}),
+        ("lora_rank_pattern", {"q_proj": 2.5}),
+        ("lora_rank_pattern", ["q_proj"]),
+        ("block_size", 2.0),
+        ("block_size", -4),
+        ("seed", "abc"),
+        ("seed", 1.0),
+        ("warmup_steps", -1),
+        ("warmup_steps", 0),
+        ("warmup_steps", 2.5),
+        ("warmup_lr", -1),
+        ("warmup_lr", 0),
+        ("warmup_lr", float("inf")),
+        ("warmup_lr", "1e-4"),
+        ("fan_in_fan_out", "yes"),
+        ("init_weights", 1),
+        ("layers_to_transform", -1),
+        ("layers_to_transform", [0, "1"]),
+        ("layers_to_transform", 1.0),
+        ("modules_to_save", 5),
+        ("entries_pattern", {"q_proj": -1}),
+        ("entries_pattern", {"q_proj": 3.5}),
+        ("weight_shapes", {"q_proj": [32]}),
+        ("weight_shapes", {"q_proj": [32, 0]}),
+        ("weight_shapes", {"q_proj": [32, 2.5]}),
+        ("requires", None),
+    ],
+)
+def test_every_field_is_validated_with_an_error_naming_it(field, value):
+    kwargs = {"target_modules": ["q_proj"], field: value}
+    with pytest.raises(ValueError, match=field):
+        SparseAdapterConfig(**kwargs)
+
+
+def test_valid_edge_values_are_accepted():
+    config = SparseAdapterConfig(
+        target_modules="all-linear",
+        keep_ratio=1,
+        seed=-3,
+        warmup_steps=1,
+        warmup_lr=1,
+        layers_to_transform=0,
+        layers_pattern="layers",
+        lora_rank_pattern={"q_proj": 1},
+        entries_pattern={"x": 0},
+        weight_shapes={"x": (4, 5)},
+    )
+    assert config.keep_ratio == 1 and config.seed == -3
+
+
+def test_numpy_numbers_are_accepted_and_stored_as_python_numbers(tmp_path):
+    import numpy as np
+
+    config = SparseAdapterConfig(
+        target_modules=["q_proj"], lora_rank=np.int64(2), block_size=np.int32(4), seed=np.int64(3),
+        warmup_lr=np.float32(1e-3), entries_pattern={"a": np.int64(5)},
+    )
+    assert type(config.lora_rank) is int and type(config.warmup_lr) is float
+    assert type(config.entries_pattern["a"]) is int
+    config.save_pretrained(tmp_path)  # JSON-serialisable
+    loaded = SparseAdapterConfig.from_pretrained(tmp_path)
+    assert (loaded.lora_rank, loaded.block_size, loaded.seed) == (2, 4, 3)
+
+
+# --- block size against the targeted weights ------------------------------------------------------------------------
+KV_TARGETS = ["k_proj", "v_proj"]  # 16 x 32 weights in tiny_llama (2 key/value heads of 8)
+
+
+def trainable(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def test_block_larger_than_a_targeted_weight_is_refused_and_nothing_changes():
+    lora = LoraConfig(r=8, target_modules=KV_TARGETS)
+    model = tiny_llama(layers=1)
+    before = base_weights(model)
+    with pytest.raises(ValueError, match=r"block_size=32 is larger than the weight of .*k_proj.*\(16, 32\).*<= 16"):
+        get_peft_model(model, SparseAdapterConfig.from_lora_config(lora, block_size=32))
+    with pytest.raises(ValueError, match="block_size=1000"):
+        get_peft_model(model, SparseAdapterConfig(target_modules=["q_proj"], block_size=1000))
+    assert not any(isinstance(m, BaseTunerLayer) for m in model.modules())
+    after = base_weights(model)
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+@pytest.mark.parametrize("block_size", [4, 8, 16])
+def test_from_lora_config_with_blocks_keeps_the_lora_parameter_count(block_size):
+    lora = LoraConfig(r=8, target_modules=KV_TARGETS)
+    lora_trainable = trainable(get_peft_model(tiny_llama(layers=1), lora))
+    assert lora_trainable == 2 * 8 * (16 + 32)
+    sparse = get_peft_model(tiny_llama(layers=1), SparseAdapterConfig.from_lora_config(lora, block_size=block_size))
+    assert trainable(sparse) == lora_trainable  # 768 = 3 blocks of 16 x 16 (2 + 1), 12 of 8 x 8, 48 of 4 x 4
+    rows = [layer.sparse_adapter_indices["default"].numel() for layer in sparse_layers(sparse).values()]
+    assert sum(rows) * block_size**2 == lora_trainable
+
+
+def test_lora_budget_with_blocks_is_within_half_a_block_of_lora():
+    lora = LoraConfig(r=3, target_modules=["q_proj", "k_proj", "up_proj"])  # 3 * (64 + 48 + 80) = 576 entries
+    sparse = get_peft_model(tiny_llama(layers=1), SparseAdapterConfig.from_lora_config(lora, block_size=5))
+    lora_trainable = trainable(get_peft_model(tiny_llama(layers=1), lora))
+    assert abs(trainable(sparse) - lora_trainable) <= 25 / 2
+
+
+# --- presets for GPT-NeoX, OPT, Falcon, T5 (module names as in transformers' modeling files) -------------------------
+def _tiny(kind: str) -> nn.Module:
+    from transformers import (
+        FalconConfig,
+        FalconForCausalLM,
+        GPTNeoXConfig,
+        GPTNeoXForCausalLM,
+        OPTConfig,
+        OPTForCausalLM,
+        T5Config,
+        T5ForConditionalGeneration,
+    )
+
+    torch.manual_seed(0)
+    common = {"vocab_size": 64, "num_attention_heads": 4, "max_position_embeddings": 64}
+    if kind == "gpt_neox":
+        return GPTNeoXForCausalLM(GPTNeoXConfig(hidden_size=32, num_hidden_layers=2, intermediate_size=48, **common))
+    if kind == "opt":
+        config = OPTConfig(hidden_size=32, num_hidden_layers=2, ffn_dim=48, word_embed_proj_dim=32, **common)
+        return OPTForCausalLM(config)
+    if kind == "falcon":
+        return FalconForCausalLM(FalconConfig(hidden_size=32, num_hidden_layers=2, **common))
+    config = T5Config(
+        vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=1, num_decoder_layers=1, num_heads=4,
+        feed_forward_proj="gated-gelu" if kind == "t5-gated" else "relu", decoder_start_token_id=0,
+    )
+    return T5ForConditionalGeneration(config)
+
+
+def _t5_names(mlp: list[str], qkv: bool) -> set[str]:
+    if qkv:
+        attention = [("encoder", 0, "SelfAttention"), ("decoder", 0, "SelfAttention")]
+        attention.append(("decoder", 1, "EncDecAttention"))
+        return {f"{stack}.block.0.layer.{i}.{a}.{p}" for stack, i, a in attention for p in "qkv"}
+    return {f"encoder.block.0.layer.1.DenseReluDense.{n}" for n in mlp} | {
+        f"decoder.block.0.layer.2.DenseReluDense.{n}" for n in mlp
+    }
+
+
+PRESET_CASES = {
+    "gpt_neox": (
+        {f"gpt_neox.layers.{i}.attention.query_key_value" for i in range(2)},
+        {f"gpt_neox.layers.{i}.mlp.{n}" for i in range(2) for n in ("dense_h_to_4h", "dense_4h_to_h")},
+    ),
+    "opt": (
+        {f"model.decoder.layers.{i}.self_attn.{p}_proj" for i in range(2) for p in "qkv"},
+        {f"model.decoder.layers.{i}.{n}" for i in range(2) for n in ("fc1", "fc2")},
+    ),
+    "falcon": (
+        {f"transformer.h.{i}.self_attention.query_key_value" for i in range(2)},
+        {f"transformer.h.{i}.mlp.{n}" for i in range(2) for n in ("dense_h_to_4h", "dense_4h_to_h")},
+    ),
+    "t5": (_t5_names([], qkv=True), _t5_names(["wi", "wo"], qkv=False)),
+    "t5-gated": (_t5_names([], qkv=True), _t5_names(["wi_0", "wi_1", "wo"], qkv=False)),
+}
+
+
+@pytest.mark.parametrize("kind", list(PRESET_CASES))
+def test_presets_cover_gpt_neox_opt_falcon_t5(kind):
+    qkv_names, mlp_names = PRESET_CASES[kind]
+    for preset, expected in (("qkv", qkv_names), ("mlp", mlp_names), (["qkv", "mlp"], qkv_names | mlp_names)):
+        model = get_peft_model(_tiny(kind), SparseAdapterConfig(target_modules=preset, keep_ratio=0.1))
+        assert adapted(model) == expected, preset
+    # the adapted model trains: every adapter receives a gradient
+    ids = torch.randint(3, 64, (2, 6), generator=torch.Generator().manual_seed(0))
+    inputs = {"input_ids": ids, "labels": ids}
+    model.train()
+    model(**inputs).loss.backward()
+    assert all(layer.sparse_adapter_values["default"].grad is not None for layer in sparse_layers(model).values())
