@@ -71,8 +71,9 @@ def delta_csr(
     """ΔW as a sparse CSR matrix of shape ``(out_features, in_features)`` (whatever the storage layout)."""
     out_features, in_features = features(shape, transposed)
     out_idx, in_idx = entry_coordinates(positions.long(), shape, transposed)
-    if transposed:  # storage order is by input feature: re-sort by (output, input)
-        order = torch.argsort(out_idx * in_features + in_idx)
+    keys = out_idx * in_features + in_idx
+    if keys.numel() > 1 and not bool((keys[1:] > keys[:-1]).all()):  # Conv1D layout or block order: re-sort
+        order = torch.argsort(keys)
         out_idx, in_idx, values = out_idx[order], in_idx[order], values[order]
     bounds = torch.arange(out_features + 1, device=out_idx.device)
     crow = torch.searchsorted(out_idx, bounds)
