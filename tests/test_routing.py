@@ -12,14 +12,13 @@ from pathlib import Path
 import peft
 import pytest
 import torch
+from conftest import VOCAB, base_weights, dense_delta, set_random_values, sparse_layers, tiny_gpt2, tiny_llama
 from peft import get_peft_model
 from safetensors.torch import load_file
 from transformers.pytorch_utils import Conv1D
 
 from peft_sparse import ArrowConfig, SparseAdapterConfig, create_arrow_model, load_arrow_model
 from peft_sparse.layer import SparseAdapterLayer
-
-from conftest import VOCAB, base_weights, dense_delta, set_random_values, sparse_layers, tiny_gpt2, tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
 LLAMA_TARGETS = ["q_proj", "v_proj"]
