@@ -63,32 +63,85 @@ def route_tokens(
     return chosen, torch.softmax(top, dim=-1)
 
 
-def routed_delta(
-    tokens: torch.Tensor, experts: Sequence[torch.Tensor], chosen: torch.Tensor, weights: torch.Tensor
-) -> torch.Tensor:
-    """``Σ_e w_e(x) · x ΔW_eᵀ`` for every token, ``(T, out)``; ``experts`` are sparse ``(out, in)`` matrices.
+# The grouped path multiplies each expert only by the tokens that picked it (top_k x entries per token) but pays a
+# few small ops per expert; for a handful of tokens (decoding) one product with all experts stacked is cheaper.
+STACKED_MAX_TOKENS = 16
 
-    Tokens are grouped by expert, so each expert multiplies only the tokens that picked it.
+
+@dataclass(frozen=True)
+class ExpertStack:
+    """All experts' ΔW of one layer as one CSR ``(E·out, in)`` matrix and per-expert CSR views of its storage."""
+
+    stacked: torch.Tensor
+    experts: list[torch.Tensor]
+
+
+def stack_experts(matrices: Sequence[torch.Tensor]) -> ExpertStack:
+    """Stack CSR ``(out, in)`` matrices (as from :func:`prototypes.delta_csr`) row-wise; int32 indices if they fit."""
+    out_features, in_features = matrices[0].shape
+    counts = [int(m.values().numel()) for m in matrices]
+    total = sum(counts)
+    index_dtype = torch.int32 if max(total, in_features) < 2**31 - 1 else torch.int64
+    offsets = [0]
+    for count in counts:
+        offsets.append(offsets[-1] + count)
+    crow = torch.cat(
+        [m.crow_indices()[:-1] + offset for m, offset in zip(matrices, offsets, strict=False)]
+        + [torch.tensor([total], device=matrices[0].device)]
+    ).to(index_dtype)
+    col = torch.cat([m.col_indices() for m in matrices]).to(index_dtype)
+    values = torch.cat([m.values() for m in matrices])
+    shape = (len(matrices) * out_features, in_features)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*[Ss]parse.*")
+        stacked = torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
+        experts = [
+            torch.sparse_csr_tensor(
+                crow[e * out_features : (e + 1) * out_features + 1] - offsets[e],
+                col[offsets[e] : offsets[e + 1]],
+                values[offsets[e] : offsets[e + 1]],
+                (out_features, in_features),
+                check_invariants=False,
+            )
+            for e in range(len(matrices))
+        ]
+    return ExpertStack(stacked, experts)
+
+
+def routed_delta(
+    tokens: torch.Tensor, stack: ExpertStack, chosen: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """``Σ_e w_e(x) · x ΔW_eᵀ`` for every token, ``(T, out)``, given each token's chosen experts and weights.
+
+    Up to :data:`STACKED_MAX_TOKENS` tokens (or with every expert chosen) one product with the stacked experts
+    gives every expert's output; otherwise tokens are grouped by expert and each expert multiplies only its
+    tokens, so the cost is O(tokens · top_k · entries per expert).
     """
     num_tokens, k = chosen.shape
-    out_features = experts[0].shape[0]
-    result = torch.zeros(num_tokens, out_features, dtype=tokens.dtype, device=tokens.device)
+    num_experts = len(stack.experts)
+    out_features = stack.experts[0].shape[0]
+    weights = weights.to(tokens.dtype)
     if num_tokens == 0:
-        return result
+        return torch.zeros(0, out_features, dtype=tokens.dtype, device=tokens.device)
+    if num_tokens <= STACKED_MAX_TOKENS or k == num_experts:
+        dense_weights = torch.zeros(num_tokens, num_experts, dtype=tokens.dtype, device=tokens.device)
+        dense_weights.scatter_(1, chosen, weights)
+        every = stack.stacked @ tokens.T  # (E·out, T)
+        return torch.einsum("te,eot->to", dense_weights, every.view(num_experts, out_features, num_tokens))
     flat = chosen.reshape(-1)
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=len(experts)).tolist()
+    counts = torch.bincount(flat, minlength=num_experts).tolist()
     token_of = torch.div(order, k, rounding_mode="floor")
-    weight_of = weights.reshape(-1)[order].to(tokens.dtype)
+    weight_of = weights.reshape(-1)[order]
+    picked = tokens.index_select(0, token_of).T  # (in, T·k), grouped by expert
+    outputs = torch.empty(out_features, token_of.numel(), dtype=tokens.dtype, device=tokens.device)
     start = 0
-    for expert, count in zip(experts, counts, strict=True):
-        if count == 0:
-            continue
-        rows = token_of[start : start + count]
-        out = expert @ tokens.index_select(0, rows).T  # (out, count): sparse operand on the left
-        result.index_add_(0, rows, out.T * weight_of[start : start + count, None])
+    for expert, count in zip(stack.experts, counts, strict=True):
+        if count:
+            outputs[:, start : start + count] = expert @ picked[:, start : start + count]
         start += count
-    return result
+    result = torch.zeros(num_tokens, out_features, dtype=tokens.dtype, device=tokens.device)
+    return result.index_add_(0, token_of, outputs.T * weight_of[:, None])
 
 
 # --- configuration -----------------------------------------------------------------------------------------------
@@ -186,7 +239,7 @@ class ArrowRouter:
         self.prototypes = prototypes_.detach().to(torch.float32).contiguous()
         self.top_k = int(top_k)
         self.temperature = float(temperature)
-        self._matrices: tuple[tuple, list[torch.Tensor]] | None = None
+        self._stack: tuple[tuple, ExpertStack] | None = None
         self._device_prototypes: torch.Tensor | None = None
 
     def engaged(self, active_adapters: Sequence[str]) -> bool:
@@ -203,21 +256,21 @@ class ArrowRouter:
                 "or unload() the routed model first."
             )
 
-    def expert_matrices(self, layer: SparseAdapterLayer, device: torch.device) -> list[torch.Tensor]:
-        """Every expert's scaled ΔW as an fp32 CSR ``(out, in)`` matrix; rebuilt when an expert changes."""
+    def expert_stack(self, layer: SparseAdapterLayer, device: torch.device) -> ExpertStack:
+        """The experts' scaled ΔW as fp32 CSR matrices (:class:`ExpertStack`); rebuilt when an expert changes."""
         key_parts: list[Any] = [device]
         for name in self.expert_names:
             indices, values = layer.sparse_adapter_indices[name], layer.sparse_adapter_values[name]
             key_parts.append((id(indices), indices._version, id(values), values._version, layer.scaling[name]))
         key = tuple(key_parts)
-        if self._matrices is None or self._matrices[0] != key:
+        if self._stack is None or self._stack[0] != key:
             matrices = []
             for name in self.expert_names:
                 positions, values = layer.flat_delta(name)
-                matrix = prototypes.delta_csr(positions, values.detach(), layer.shape, layer.transposed)
-                matrices.append(matrix.to(device))
-            self._matrices = (key, matrices)
-        return self._matrices[1]
+                positions, values = positions.to(device), values.detach().to(device)
+                matrices.append(prototypes.delta_csr(positions, values, layer.shape, layer.transposed))
+            self._stack = (key, stack_experts(matrices))
+        return self._stack[1]
 
     def prototypes_on(self, device: torch.device) -> torch.Tensor:
         if self._device_prototypes is None or self._device_prototypes.device != device:
@@ -231,7 +284,7 @@ class ArrowRouter:
             raise ValueError(f"input has {x.shape[-1]} features, the layer expects {layer.in_features}")
         tokens = x.reshape(-1, x.shape[-1]).to(torch.float32)
         chosen, weights = route_tokens(tokens, self.prototypes_on(x.device), self.top_k, self.temperature)
-        delta = routed_delta(tokens, self.expert_matrices(layer, x.device), chosen, weights)
+        delta = routed_delta(tokens, self.expert_stack(layer, x.device), chosen, weights)
         return result + delta.reshape(*x.shape[:-1], delta.shape[-1]).to(result.dtype)
 
 
@@ -595,5 +648,6 @@ __all__ = [
     "load_arrow_model",
     "route_tokens",
     "routed_delta",
+    "stack_experts",
     "save_router_files",
 ]

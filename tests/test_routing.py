@@ -17,7 +17,7 @@ from peft import get_peft_model
 from safetensors.torch import load_file
 from transformers.pytorch_utils import Conv1D
 
-from peft_sparse import ArrowConfig, SparseAdapterConfig, create_arrow_model, load_arrow_model
+from peft_sparse import ArrowConfig, SparseAdapterConfig, create_arrow_model, load_arrow_model, prototypes, routing
 from peft_sparse.layer import SparseAdapterLayer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,12 +104,15 @@ def test_arrow_config_rejects_bad_values(bad, match):
         ArrowConfig(**bad)
 
 
+@pytest.mark.parametrize("path", ["grouped", "stacked"])
 @pytest.mark.parametrize(
     "make_model, targets, block_size",
     [(tiny_llama, LLAMA_TARGETS, None), (tiny_gpt2, ["c_attn"], 4), (tiny_llama, LLAMA_TARGETS, 4)],
     ids=["llama-unstructured", "gpt2-conv1d-blocks", "llama-blocks"],
 )
-def test_routed_model_matches_dense_reference_router(tmp_path, make_model, targets, block_size):
+def test_routed_model_matches_dense_reference_router(tmp_path, monkeypatch, make_model, targets, block_size, path):
+    # both ways of computing the routed delta: tokens grouped per expert, or one product with all experts
+    monkeypatch.setattr(routing, "STACKED_MAX_TOKENS", 0 if path == "grouped" else 10**6)
     dirs = save_experts(tmp_path, make_model, 4, targets, block_size)
     config = ArrowConfig(top_k=2, router_temperature=0.5, rng_seed=0)
     routed = create_arrow_model(make_model(), dirs, config)
@@ -145,6 +148,29 @@ def test_routed_layer_top_k_equal_to_experts_and_single_expert(tmp_path):
     routed.base_model.set_adapter(["task_0", "task_1", "task_2"])
     with torch.no_grad():
         assert torch.allclose(layer(x).double(), expected, atol=1e-5)
+
+
+def test_stacked_experts_hold_every_expert_exactly():
+    shape = (12, 20)
+    generator = torch.Generator().manual_seed(0)
+    matrices, dense = [], []
+    for count in (30, 0, 55):
+        positions = torch.randperm(240, generator=generator)[:count].sort().values
+        values = torch.randn(count, generator=generator)
+        matrices.append(prototypes.delta_csr(positions, values, shape, transposed=False))
+        reference = torch.zeros(240)
+        reference[positions] = values
+        dense.append(reference.view(shape))
+    stack = routing.stack_experts(matrices)
+    assert torch.equal(stack.stacked.to_dense(), torch.cat(dense))
+    for view, reference in zip(stack.experts, dense, strict=True):
+        assert torch.equal(view.to_dense(), reference)
+    tokens = torch.randn(40, 20, generator=generator)
+    chosen, weights = routing.route_tokens(tokens, torch.randn(3, 20, generator=generator), 2, 0.5)
+    expected = sum(
+        (chosen == e).float().mul(weights).sum(1, keepdim=True) * (tokens @ dense[e].T) for e in range(3)
+    )
+    assert torch.allclose(routing.routed_delta(tokens, stack, chosen, weights), expected, atol=1e-5)
 
 
 def read_dense_expert(path: str, layer: str, shape: tuple[int, int], conv1d: bool) -> torch.Tensor:
