@@ -13,6 +13,7 @@ medians. Timing does not depend on the weights, so the experts are random.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -99,7 +100,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     config = QUICK_MODEL if args.quick else MODEL
     generator = torch.Generator().manual_seed(0)
     shapes = {"prefill": (args.batch, args.length), "decode": (args.batch, 1)}
-    inputs = {label: torch.randint(0, config["vocab_size"], shape, generator=generator) for label, shape in shapes.items()}
+    vocab = config["vocab_size"]
+    inputs = {label: torch.randint(0, vocab, size, generator=generator) for label, size in shapes.items()}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -114,7 +116,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 for k in args.top_k
                 if k <= count
             }
-            for label, ids in inputs.items():
+            for threads, (label, ids) in itertools.product(args.threads, inputs.items()):
+                torch.set_num_threads(threads)
                 variants = {"merged_weights": forward_fn(merged_weights, ids)}
                 variants["merged_adapter"] = forward_fn(merged_adapter, ids)
                 variants.update({f"routed_top{k}": forward_fn(model, ids) for k, model in routed.items()})
@@ -126,6 +129,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                     rows.append(
                         {
                             "experts": count,
+                            "threads": threads,
                             "top_k": k,
                             "input": label,
                             "tokens": int(ids.numel()),
@@ -139,7 +143,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                         }
                     )
                     print(
-                        f"E={count:2d} top_k={k} {label:7s}: routed {routed_ms:8.2f} ms, merged into weights "
+                        f"E={count:2d} threads={threads} top_k={k} {label:7s}: routed {routed_ms:8.2f} ms, "
+                        "merged into weights "
                         f"{base_ms:8.2f} ms ({routed_ms / base_ms:.2f}x), merged adapter {adapter_ms:8.2f} ms "
                         f"({routed_ms / adapter_ms:.2f}x)",
                         flush=True,
@@ -147,13 +152,13 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             del merged_adapter, merged_weights, routed
     entries_per_expert = {t: args.rank * 2 * config["hidden_size"] for t in ("q_proj", "o_proj")}
     return {
-        "command": "OMP_NUM_THREADS=%s python -m benchmarks.reuse.overhead %s"
-        % (os.environ.get("OMP_NUM_THREADS", "?"), " ".join(args.argv)),
+        "command": f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '?')} python -m benchmarks.reuse.overhead "
+        + " ".join(args.argv),
         "machine": {
             "platform": platform.platform(),
             "cpu_count": os.cpu_count(),
             "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(),
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
             "load_average_at_end": list(os.getloadavg()),
         },
         "model": config,
@@ -175,7 +180,8 @@ def verdicts(result: dict[str, Any]) -> list[str]:
             continue
         met = row["ratio_vs_merged_weights"] <= TARGET_RATIO
         lines.append(
-            f"E={largest}, top_k={row['top_k']}, {row['input']}: routed / merged-into-weights = "
+            f"E={largest}, {row['threads']} thread(s), top_k={row['top_k']}, {row['input']}: "
+            "routed / merged-into-weights = "
             f"{row['ratio_vs_merged_weights']:.2f}x -> target (<= {TARGET_RATIO:.0f}x) "
             f"{'met' if met else 'MISSED'}; vs the merged sparse adapter {row['ratio_vs_merged_adapter']:.2f}x"
         )
@@ -190,18 +196,21 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"Model: Llama, hidden {result['model']['hidden_size']}, {result['model']['num_hidden_layers']} layers, "
         f"MLP {result['model']['intermediate_size']}, vocab {result['model']['vocab_size']}; targets "
-        f"{', '.join(result['targets'])}; experts: {result['expert_budget']}. Machine: {result['machine']['platform']}, "
+        f"{', '.join(result['targets'])}; experts: {result['expert_budget']}. "
+        f"Machine: {result['machine']['platform']}, "
         f"{result['machine']['cpu_count']} cores shared with other jobs (load average at the end "
         f"{', '.join(f'{x:.1f}' for x in result['machine']['load_average_at_end'])}), torch "
-        f"{result['machine']['torch']} with {result['machine']['torch_threads']} threads. Median wall time of "
+        f"{result['machine']['torch']} (torch threads set per row). Median wall time of "
         f"{result['rounds']} interleaved rounds after {result['warmup']} warm-up rounds.",
         "",
-        "| experts | top_k | input | tokens | routed ms | merged into weights ms | ratio | merged adapter ms | ratio |",
-        "|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| experts | threads | top_k | input | tokens | routed ms | merged into weights ms | ratio "
+        "| merged adapter ms | ratio |",
+        "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for row in result["rows"]:
         lines.append(
-            f"| {row['experts']} | {row['top_k']} | {row['input']} | {row['tokens']} | {row['routed_ms']:.2f} | "
+            f"| {row['experts']} | {row['threads']} | {row['top_k']} | {row['input']} | {row['tokens']} | "
+            f"{row['routed_ms']:.2f} | "
             f"{row['merged_weights_ms']:.2f} | {row['ratio_vs_merged_weights']:.2f}x | "
             f"{row['merged_adapter_ms']:.2f} | {row['ratio_vs_merged_adapter']:.2f}x |"
         )
@@ -226,14 +235,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rank", type=int, default=16, help="LoRA-rank-equivalent budget of each expert")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--length", type=int, default=128)
+    parser.add_argument("--threads", type=int, nargs="+", default=[2, 1], help="torch threads, measured in turn")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="tiny model (smoke test)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="directory for routing_overhead.{json,md}")
     args = parser.parse_args(argv)
     args.argv = list(argv) if argv is not None else []
-    if os.environ.get("OMP_NUM_THREADS"):
-        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     result = measure(args)
     result["verdicts"] = verdicts(result)
     args.out.mkdir(parents=True, exist_ok=True)
