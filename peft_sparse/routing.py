@@ -108,9 +108,7 @@ def stack_experts(matrices: Sequence[torch.Tensor]) -> ExpertStack:
     return ExpertStack(stacked, experts)
 
 
-def routed_delta(
-    tokens: torch.Tensor, stack: ExpertStack, chosen: torch.Tensor, weights: torch.Tensor
-) -> torch.Tensor:
+def routed_delta(tokens: torch.Tensor, stack: ExpertStack, chosen: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """``Σ_e w_e(x) · x ΔW_eᵀ`` for every token, ``(T, out)``, given each token's chosen experts and weights.
 
     Up to :data:`STACKED_MAX_TOKENS` tokens (or with every expert chosen) one product with the stacked experts

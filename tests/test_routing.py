@@ -167,9 +167,7 @@ def test_stacked_experts_hold_every_expert_exactly():
         assert torch.equal(view.to_dense(), reference)
     tokens = torch.randn(40, 20, generator=generator)
     chosen, weights = routing.route_tokens(tokens, torch.randn(3, 20, generator=generator), 2, 0.5)
-    expected = sum(
-        (chosen == e).float().mul(weights).sum(1, keepdim=True) * (tokens @ dense[e].T) for e in range(3)
-    )
+    expected = sum((chosen == e).float().mul(weights).sum(1, keepdim=True) * (tokens @ dense[e].T) for e in range(3))
     assert torch.allclose(routing.routed_delta(tokens, stack, chosen, weights), expected, atol=1e-5)
 
 

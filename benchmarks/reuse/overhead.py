@@ -218,8 +218,8 @@ def markdown(result: dict[str, Any]) -> str:
     lines += [f"- {line}" for line in verdicts(result)]
     lines += [
         "",
-        "\"Merged into weights\" is the uniform sparse merge folded into the base weights (a plain model, the "
-        "cheapest way to serve a merge); \"merged adapter\" keeps the merged union as an active sparse adapter. "
+        '"Merged into weights" is the uniform sparse merge folded into the base weights (a plain model, the '
+        'cheapest way to serve a merge); "merged adapter" keeps the merged union as an active sparse adapter. '
         "The routed cost grows with top_k x stored entries per expert (each expert multiplies only the tokens "
         "that picked it), plus a fixed per-layer cost (routing logits, grouping tokens by expert, one sparse "
         "product per picked expert) that dominates for the few-token decode input.",
