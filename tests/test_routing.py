@@ -363,3 +363,31 @@ def test_load_arrow_model_refuses_a_directory_without_router_files(tmp_path):
     with pytest.raises(ValueError, match="not a saved Arrow model"):
         load_arrow_model(base, dirs[0])
     assert not any(isinstance(m, SparseAdapterLayer) for m in base.modules())
+
+
+def test_with_the_real_expert_library(tmp_path, monkeypatch):
+    library_module = pytest.importorskip("peft_sparse.library")  # ExpertLibrary is built on another branch
+    dirs = save_experts(tmp_path, tiny_llama, 3, LLAMA_TARGETS)
+    general = save_experts(tmp_path, tiny_llama, 1, LLAMA_TARGETS, prefix="general", seed=40)
+    library = library_module.ExpertLibrary(tmp_path / "lib", create=True)
+    for name, path in zip(["a", "b", "c", "g"], dirs + general, strict=True):
+        library.add(path, name)
+
+    def config():
+        return ArrowConfig(top_k=2, use_gks=True, rng_seed=0)
+
+    by_name = create_arrow_model(tiny_llama(), ["a", "b", "c"], config(), ["g"], library=library)
+    cached = [p for p in (tmp_path / "lib").rglob("*.safetensors") if "arrow_prototypes" in p.parts]
+    assert len(cached) == 1
+    by_path = create_arrow_model(tiny_llama(), dirs, config(), general)
+
+    def no_compute(*args, **kwargs):
+        raise AssertionError("prototypes recomputed despite the cache")
+
+    monkeypatch.setattr(routing, "compute_prototypes", no_compute)
+    again = create_arrow_model(tiny_llama(), ["a", "b", "c"], config(), ["g"], library=library)
+    x = ids()
+    with torch.no_grad():
+        out = by_name(input_ids=x).logits
+        assert torch.equal(by_path(input_ids=x).logits, out)
+        assert torch.equal(again(input_ids=x).logits, out)
