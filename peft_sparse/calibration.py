@@ -216,13 +216,13 @@ def calibrate_masks(
             )
             _all_reduce_sum(scores.values())
         elif kind == "magnitude":
-            scores = {n: masks.score(layer.get_base_layer().weight, None, kind) for n, layer in layers.items()}
+            scores = {n: masks.score(layer.logical_weight(), None, kind) for n, layer in layers.items()}
         else:
             grads = _accumulate_gradients(model, layers, taken, loss_fn, device, progress)
             _all_reduce_sum(grads.values())  # the gradient over all ranks' batches, as on one process
             scores = {}
             for name, layer in layers.items():
-                scores[name] = masks.score(layer.get_base_layer().weight, grads.pop(name), kind)
+                scores[name] = masks.score(layer.logical_weight(), grads.pop(name), kind)
     block = config.block_size
     if config.budget_scope == "global":
         total = sum(layer.sparse_adapter_indices[adapter_name].numel() for layer in layers.values())

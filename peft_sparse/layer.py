@@ -13,18 +13,24 @@ from typing import Any
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from peft.utils import quantization_extra_repr
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from . import masks
+from . import masks, quantized
 from .ops import block_sparse_delta, block_sparse_linear, sparse_delta, sparse_linear
 from .registration import BufferDict
 
 SUPPORTED_BASE_LAYERS = (nn.Linear, Conv1D)
 
 
-def storage_shape(base_layer: nn.Module) -> tuple[int, int]:
-    """Shape of the base weight as stored: (out, in) for Linear, (in, out) for Conv1D."""
+def storage_shape(base_layer: nn.Module, quantized_base: bool = False) -> tuple[int, int]:
+    """Shape of the base weight's layout: (out, in) for Linear, (in, out) for Conv1D.
+
+    For a quantized base (``quantized_base``) this is the logical (dequantized) shape, not the packed storage.
+    """
+    if quantized_base:
+        return quantized.logical_shape(base_layer)
     return tuple(base_layer.weight.shape)  # type: ignore[return-value]
 
 
@@ -47,8 +53,12 @@ class SparseAdapterLayer(BaseTunerLayer):
         base = self.get_base_layer()
         if not isinstance(base, SUPPORTED_BASE_LAYERS):
             raise TypeError(f"sparse adapters support nn.Linear and transformers Conv1D, got {type(base).__name__}")
+        # PEFT's backend for a quantized base (None if plain); refuses unsupported quantizations
+        self.quantization_backend = quantized.resolve_backend(
+            base, kwargs.get("module_name") or type(base).__name__, kwargs.get("get_apply_tensor_subclass")
+        )
         self.transposed = isinstance(base, Conv1D)
-        self.shape = storage_shape(base)
+        self.shape = storage_shape(base, self.quantization_backend is not None)
         self.in_features, self.out_features = (self.shape[0], self.shape[1]) if self.transposed else self.shape[::-1]
         self.module_name: str | None = kwargs.get("module_name")  # for error messages
         self.kwargs = kwargs
@@ -71,7 +81,8 @@ class SparseAdapterLayer(BaseTunerLayer):
         self._validated.pop(adapter_name, None)
         width = 1 if block_size is None else block_size**2
         weight = self.get_base_layer().weight
-        dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
+        quantized_base = self.quantization_backend is not None
+        dtype = weight.dtype if weight.dtype.is_floating_point and not quantized_base else torch.float32
         values = torch.zeros(indices.numel() * width, dtype=dtype, device=weight.device)
         if not init_weights:
             values.normal_(std=0.02)
@@ -140,16 +151,22 @@ class SparseAdapterLayer(BaseTunerLayer):
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """Dense ΔW in storage layout (for inspection and tests; merging never builds it)."""
         positions, values = self.flat_delta(adapter_name)
-        weight = self.get_base_layer().weight
-        delta = torch.zeros(weight.numel(), dtype=values.dtype, device=weight.device)
-        delta.index_add_(0, positions.to(weight.device), values.to(weight.device))
+        device = self.get_base_layer().weight.device
+        delta = torch.zeros(self.shape[0] * self.shape[1], dtype=values.dtype, device=device)
+        delta.index_add_(0, positions.to(device), values.to(device))
         return delta.view(self.shape)
+
+    def logical_weight(self) -> torch.Tensor:
+        """The base weight in storage layout as numbers: dequantized (a transient copy) for a quantized base."""
+        if self.quantization_backend is not None:
+            return quantized.dequantized_weight(self.quantization_backend, self.get_base_layer())
+        return self.get_base_layer().weight.detach()
 
     # --- merge ---------------------------------------------------------------------------------------------
     def _add_to_weight(self, adapter_name: str, sign: float, weight: torch.Tensor | None = None) -> torch.Tensor:
+        positions, values = self.flat_delta(adapter_name)
         base = self.get_base_layer().weight
         target = base.data if weight is None else weight
-        positions, values = self.flat_delta(adapter_name)
         flat = target.view(-1)
         positions = positions.to(flat.device)
         delta = sign * values.detach().to(flat.device)
@@ -160,9 +177,17 @@ class SparseAdapterLayer(BaseTunerLayer):
         flat[positions] = (flat[positions].float() + delta.float()).to(flat.dtype)
         return target
 
+    def _add_to_quantized_weight(self, adapter_names: list[str], sign: float) -> None:
+        """Dequantize → exact fp32 index add of all ``adapter_names`` → requantize into the same type (one rounding)."""
+        deltas = [self.flat_delta(name) for name in adapter_names]
+        positions = torch.cat([p.long() for p, _ in deltas])
+        values = torch.cat([v.detach().float().to(positions.device) for _, v in deltas])
+        quantized.add_and_requantize(self, positions, sign * values)  # index_add: shared positions accumulate
+
     def merged_weight_is_finite(self, adapter_names: list[str]) -> bool:
         """Whether merging ``adapter_names`` keeps the weight finite (computed on a copy)."""
-        trial = self.get_base_layer().weight.data.clone()
+        quantized_base = self.quantization_backend is not None
+        trial = (self.logical_weight().float() if quantized_base else self.get_base_layer().weight.data).clone()
         for name in adapter_names:
             if name in self.sparse_adapter_values:
                 self._add_to_weight(name, 1.0, trial)
@@ -178,6 +203,10 @@ class SparseAdapterLayer(BaseTunerLayer):
             return
         if safe_merge and not self.merged_weight_is_finite(adapter_names):
             raise ValueError(f"NaNs detected in the merged weights; the adapters {adapter_names} seem to be broken")
+        if self.quantization_backend is not None:
+            self._add_to_quantized_weight(adapter_names, 1.0)
+            self.merged_adapters.extend(adapter_names)
+            return
         for name in adapter_names:
             self._add_to_weight(name, 1.0)
             self.merged_adapters.append(name)
@@ -185,6 +214,12 @@ class SparseAdapterLayer(BaseTunerLayer):
     def unmerge(self) -> None:
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+            return
+        if self.quantization_backend is not None:
+            names = [n for n in reversed(self.merged_adapters) if n in self.sparse_adapter_values]
+            if names:
+                self._add_to_quantized_weight(names, -1.0)
+            self.merged_adapters.clear()
             return
         while self.merged_adapters:
             name = self.merged_adapters.pop()
@@ -212,7 +247,14 @@ class SparseAdapterLayer(BaseTunerLayer):
         for name in active:
             self.check_adapter(name)
         base = self.get_base_layer()
-        fused = len(active) == 1 and not args and not kwargs and base is self.base_layer and not self._has_hooks()
+        fused = (
+            len(active) == 1
+            and not args
+            and not kwargs
+            and base is self.base_layer
+            and not self._has_hooks()
+            and self.quantization_backend is None  # quantized: base kernel + delta, never a dequantized W
+        )
         if fused:
             return self._adapter_output(active[0], x, base.weight, base.bias)
         result = self.base_layer(x, *args, **kwargs)
@@ -260,3 +302,6 @@ class Linear(nn.Module, SparseAdapterLayer):
 
     def __repr__(self) -> str:
         return "sparse_adapter." + super().__repr__()
+
+    def extra_repr(self) -> str:
+        return quantization_extra_repr(self)

@@ -13,7 +13,7 @@ from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from peft.utils.other import get_pattern_key
 from torch import nn
 
-from . import masks
+from . import masks, quantized
 from .config import SparseAdapterConfig
 from .layer import SUPPORTED_BASE_LAYERS, Linear, SparseAdapterLayer, storage_shape
 from .presets import is_preset, resolve_preset
@@ -71,6 +71,7 @@ class SparseAdapterModel(BaseTuner):
         """Check every target and fill in ``entries_pattern`` / ``weight_shapes`` so the config alone reloads."""
         tuner_prefixes = [name + "." for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
         new_shapes: dict[str, tuple[int, int]] = {}
+        requantize_config = quantized.quantization_kwargs(model).get("get_apply_tensor_subclass")
         for key, module in model.named_modules():
             if (
                 not key
@@ -79,12 +80,13 @@ class SparseAdapterModel(BaseTuner):
             ):
                 continue
             base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+            backend = quantized.resolve_backend(base, key, requantize_config)  # refuses unsupported quantizations
             if not isinstance(base, SUPPORTED_BASE_LAYERS):
                 raise TypeError(
                     f"target module {key!r} is a {type(base).__name__}; sparse adapters support nn.Linear and "
                     "transformers Conv1D. Narrow target_modules or add it to exclude_modules."
                 )
-            shape = storage_shape(base)
+            shape = storage_shape(base, backend is not None)
             saved = peft_config.weight_shapes.get(key)
             if saved is not None and tuple(saved) != shape:
                 raise ValueError(f"adapter was made for {key!r} with weight shape {tuple(saved)}, model has {shape}")
@@ -97,6 +99,7 @@ class SparseAdapterModel(BaseTuner):
                         f"entries_pattern[{key!r}] = {peft_config.entries_pattern[key]} exceeds {capacity} positions"
                     )
         planned = plan_budget(peft_config, new_shapes) if new_shapes else {}
+        quantized.keep_bnb_training_layout(model)  # all checks passed: gradients must pass every 4-bit layer
         peft_config.entries_pattern.update(planned)
         for key, shape in new_shapes.items():
             peft_config.weight_shapes[key] = list(shape)
@@ -118,16 +121,27 @@ class SparseAdapterModel(BaseTuner):
                 f"taken from the module type ({type(base).__name__})",
                 stacklevel=2,
             )
+        quantization = quantized.quantization_kwargs(self.model)
+        backend = quantized.resolve_backend(base, current_key, quantization.get("get_apply_tensor_subclass"))
         if getattr(self, "_placeholder_masks", False):  # add_weighted_adapter sets the real mask right after
             rows = int(peft_config.entries_pattern[current_key])
-            indices = torch.arange(rows, dtype=masks.index_dtype(masks.num_slots(storage_shape(base), None)))
+            shape = storage_shape(base, backend is not None)
+            indices = torch.arange(rows, dtype=masks.index_dtype(masks.num_slots(shape, None)))
         else:
-            indices = initial_mask(peft_config, adapter_name, current_key, base.weight)
+            # scores come from the logical weight: dequantized (transiently) for a quantized base
+            weight = base.weight if backend is None else quantized.dequantized_weight(backend, base)
+            indices = initial_mask(peft_config, adapter_name, current_key, weight)
         if isinstance(target, SparseAdapterLayer):
             target.update_layer(adapter_name, indices, peft_config.block_size, init_weights=peft_config.init_weights)
             return
         new_module = Linear(
-            target, adapter_name, indices, peft_config.block_size, peft_config.init_weights, module_name=current_key
+            target,
+            adapter_name,
+            indices,
+            peft_config.block_size,
+            peft_config.init_weights,
+            module_name=current_key,
+            **quantization,
         )
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)

@@ -21,30 +21,11 @@ from dataclasses import dataclass
 
 import torch
 
-from . import masks
 from .merging import merge_layer
 
 DEFAULT_TOL = 1e-5
 DEFAULT_MAX_ITER = 3000
 KRYLOV_DIM = 32
-
-
-def expand_entries(
-    indices: torch.Tensor, values: torch.Tensor, block_size: int | None, shape: tuple[int, int]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flat storage positions (int64) and values (1-D) of every real entry; block padding is dropped.
-
-    ``values`` is ``(n,)`` / ``(n, 1)`` for unstructured experts, ``(n, block_size**2)`` or flat for blocks.
-    """
-    flat_values = values.reshape(-1)
-    if block_size is None:
-        if flat_values.numel() != indices.numel():
-            raise ValueError(f"{indices.numel()} indices but {flat_values.numel()} values")
-        return indices.long(), flat_values
-    if flat_values.numel() != indices.numel() * block_size**2:
-        raise ValueError(f"{indices.numel()} blocks of {block_size}x{block_size} but {flat_values.numel()} values")
-    positions, valid = masks.block_entry_positions(indices, block_size, shape)
-    return positions[valid], flat_values[valid.to(flat_values.device)]
 
 
 def entry_coordinates(
@@ -189,9 +170,9 @@ def prototype(
 ) -> SingularVector:
     """Arrow prototype of one expert in one layer: top right-singular vector (input space) of its sparse ΔW.
 
-    ``positions``/``values``: flat storage positions and values of the stored entries (see
-    :func:`expand_entries`); ``shape``: storage shape; ``transposed``: Conv1D layout. ``seed`` seeds the start
-    vector (None: torch's global RNG).
+    ``positions``/``values``: flat storage positions and values of the stored entries (block experts expanded
+    with :func:`peft_sparse.similarity.entry_positions`); ``shape``: storage shape; ``transposed``: Conv1D
+    layout. ``seed`` seeds the start vector (None: torch's global RNG).
     """
     if positions.numel() == 0 or not bool(values.ne(0).any()):
         _, in_features = features(shape, transposed)
@@ -223,7 +204,6 @@ __all__ = [
     "SingularVector",
     "delta_csr",
     "entry_coordinates",
-    "expand_entries",
     "features",
     "fix_sign",
     "prototype",

@@ -38,7 +38,7 @@ from peft import PeftModel
 from safetensors.torch import load_file, save
 from torch import nn
 
-from . import adapter_files, prototypes
+from . import adapter_files, prototypes, quantized, similarity
 from .files import atomic_write_bytes, atomic_write_text
 from .layer import SUPPORTED_BASE_LAYERS, SparseAdapterLayer, storage_shape
 
@@ -378,10 +378,12 @@ def _check_base(base_model: nn.Module, first: adapter_files.SparseAdapterFile, f
             raise ValueError(f"expert {first.path} targets {layer!r}, which the base model does not have") from None
         if not isinstance(module, SUPPORTED_BASE_LAYERS):
             raise ValueError(f"expert {first.path} targets {layer!r}, a {type(module).__name__} in the base model")
-        if storage_shape(module) != first.shape(layer):
+        requantize = quantized.quantization_kwargs(base_model).get("get_apply_tensor_subclass")
+        shape = storage_shape(module, quantized.resolve_backend(module, layer, requantize) is not None)
+        if shape != first.shape(layer):
             raise ValueError(
                 f"expert {first.path} was made for {layer!r} with weight shape {list(first.shape(layer))}, "
-                f"the base model has {list(storage_shape(module))}"
+                f"the base model has {list(shape)}"
             )
     bases = {f.config.get("base_model_name_or_path") for f in files} - {None}
     if len(bases) > 1:
@@ -414,7 +416,7 @@ def compute_prototypes(
     for layer, parts in experts.items():
         vectors = []
         for indices, values in parts:
-            positions, flat = prototypes.expand_entries(indices, values, block_size, shapes[layer])
+            positions, flat = similarity.entry_positions(indices, values, shapes[layer], block_size)
             found = prototypes.prototype(
                 positions,
                 flat.float(),

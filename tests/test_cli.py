@@ -310,3 +310,79 @@ def test_help_exits_zero(capsys):
     assert main(["--help"]) == 0
     assert "merge" in capsys.readouterr().out
     assert main([]) == 2
+
+
+# --- library and cluster ------------------------------------------------------------------------------------------
+def test_library_add_list_remove(tmp_path, capsys):
+    lib = tmp_path / "lib"
+    sources = [write_adapter(tmp_path / f"s{i}", seed=i) for i in range(2)]
+    assert main(["library", "add", str(lib), str(sources[0]), "--name", "alpha", "--task", "t0",
+                 "--metrics", '{"acc": 0.5}']) == 0
+    assert main(["library", "add", str(lib), str(sources[1]), "--name", "beta"]) == 0
+    capsys.readouterr()
+    assert main(["library", "list", str(lib)]) == 0
+    out = capsys.readouterr().out
+    assert "2 experts, base model 'fake/model'" in out and "alpha\tt0\t20 entries\t{\"acc\": 0.5}" in out
+    assert main(["library", "list", str(lib), "--json"]) == 0
+    records = json.loads(capsys.readouterr().out)
+    assert [r["name"] for r in records] == ["alpha", "beta"] and records[0]["metrics"] == {"acc": 0.5}
+    assert main(["library", "remove", str(lib), "alpha"]) == 0
+    assert "removed 'alpha'" in capsys.readouterr().out
+    assert [e["name"] for e in json.loads((lib / "library.json").read_text())["experts"]] == ["beta"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["library", "add", "LIB", "SRC0", "--name", "beta"], "already exists"),
+        (["library", "add", "LIB", "SRC0", "--name", "x", "--metrics", "{bad"], "--metrics is not valid JSON"),
+        (["library", "add", "LIB", "SRC0", "--name", "x", "--metrics", "[1]"], "metrics must be a JSON object"),
+        (["library", "add", "LIB", "OTHER", "--name", "x"], "target layers differ from the library's"),
+        (["library", "remove", "LIB", "nope"], "no expert named 'nope'"),
+        (["library", "list", "NOLIB"], "not an expert library"),
+        (["cluster", "LIB", "--k", "3", "--out", "OUT"], "1 <= k <= 1"),
+    ],
+)
+def test_library_and_cluster_errors_exit_2_and_change_nothing(tmp_path, capsys, argv, message):
+    lib = tmp_path / "lib"
+    source = write_adapter(tmp_path / "s0", seed=0)
+    assert main(["library", "add", str(lib), str(source), "--name", "beta"]) == 0
+    other = write_adapter(tmp_path / "other", seed=1, shapes={"x": [4, 4]})
+    before = (lib / "library.json").read_bytes()
+    replace = {"LIB": str(lib), "SRC0": str(source), "OTHER": str(other), "NOLIB": str(tmp_path / "none"),
+               "OUT": str(tmp_path / "out")}
+    capsys.readouterr()
+    assert main([replace.get(a, a) for a in argv]) == 2
+    assert message in capsys.readouterr().err
+    assert (lib / "library.json").read_bytes() == before and not (tmp_path / "out").exists()
+
+
+def test_failed_first_add_creates_no_library(tmp_path, capsys):
+    bad = write_adapter(tmp_path / "bad", seed=0, tensors={"base_model.model.head.modules_to_save.w": torch.ones(1)})
+    assert main(["library", "add", str(tmp_path / "lib"), str(bad), "--name", "x"]) == 2
+    assert "modules_to_save" in capsys.readouterr().err and not (tmp_path / "lib").exists()
+
+
+def test_cluster_command(tmp_path, capsys):
+    lib = tmp_path / "lib"
+    for i in range(4):
+        source = write_adapter(tmp_path / f"s{i}", seed=i)
+        assert main(["library", "add", str(lib), str(source), "--name", f"e{i}"]) == 0
+    out, plot = tmp_path / "out", tmp_path / "sim.png"
+    rc = main(["cluster", str(lib), "--k", "2", "--out", str(out), "--plot", str(plot), "--no-progress",
+               "--combination-type", "ties", "--density", "0.5", "--add-to-library"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    summary = json.loads((out / "clusters.json").read_text())
+    assert summary["names"] == ["e0", "e1", "e2", "e3"] and len(summary["labels"]) == 4
+    assert summary["combination_type"] == "ties" and f"wrote {summary['num_clusters']} merged" in printed
+    assert "silhouette" in printed and plot.read_bytes()[:4] == b"\x89PNG"
+    for c, members in enumerate(summary["clusters"]):
+        reference = merge_adapters_from_disk(
+            [tmp_path / f"s{e[1]}" for e in members], tmp_path / f"ref{c}", "ties", density=0.5, progress=False
+        )
+        got = load_file(str(out / f"cluster_{c}" / "adapter_model.safetensors"))
+        want = load_file(str(reference / "adapter_model.safetensors"))
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+    names = [e["name"] for e in json.loads((lib / "library.json").read_text())["experts"]]
+    assert names == ["e0", "e1", "e2", "e3"] + [f"cluster_{c}" for c in range(summary["num_clusters"])]

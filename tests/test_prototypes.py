@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from peft_sparse import prototypes
+from peft_sparse import prototypes, similarity
 
 
 def random_sparse(shape: tuple[int, int], density: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,7 +70,7 @@ def test_block_prototype_matches_svd_with_ragged_edges(transposed):
     generator = torch.Generator().manual_seed(3)
     blocks = torch.randperm(48, generator=generator)[:14].sort().values
     values = torch.randn(14, block * block, generator=generator)
-    positions, flat = prototypes.expand_entries(blocks, values, block, shape)
+    positions, flat = similarity.entry_positions(blocks, values, shape, block)
     dense = dense_from_blocks(blocks, values, block, shape)
     assert torch.equal(dense_from_entries(positions, flat, shape), dense)  # padding dropped, nothing else
     found = prototypes.prototype(positions, flat, shape, transposed=transposed, seed=0)

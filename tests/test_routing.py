@@ -391,3 +391,46 @@ def test_with_the_real_expert_library(tmp_path, monkeypatch):
         out = by_name(input_ids=x).logits
         assert torch.equal(by_path(input_ids=x).logits, out)
         assert torch.equal(again(input_ids=x).logits, out)
+
+
+def test_routing_on_a_bitsandbytes_4bit_base(tmp_path):
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+
+    def llama64():  # bitsandbytes' CPU 4-bit kernels need 64-wide blocks
+        torch.manual_seed(0)
+        config = LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        )
+        return LlamaForCausalLM(config).eval()
+
+    llama64().save_pretrained(tmp_path / "base")
+
+    def quantized_llama():
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+        return AutoModelForCausalLM.from_pretrained(
+            tmp_path / "base", quantization_config=config, device_map="cpu", dtype=torch.float32
+        ).eval()
+
+    dirs = save_experts(tmp_path, llama64, 3, LLAMA_TARGETS)
+    routed = create_arrow_model(quantized_llama(), dirs, ArrowConfig(top_k=2, rng_seed=0))
+    seen = {}
+    for key, layer in sparse_layers(routed).items():  # every routed layer against the dense reference router
+        layer.register_forward_hook(lambda module, args, output, key=key: seen.__setitem__(key, (args[0], output)))
+    with torch.no_grad():
+        routed(input_ids=ids())
+        for key, layer in sparse_layers(routed).items():
+            x, output = seen[key]
+            deltas = [read_dense_expert(d, key, tuple(layer.shape), False) for d in dirs]
+            expected = layer.get_base_layer()(x).double() + reference_delta(x, deltas, 2, 1.0)
+            assert torch.allclose(output.double(), expected, atol=1e-4), key
+            assert (output.double() - layer.get_base_layer()(x).double()).abs().max() > 1e-2
