@@ -434,3 +434,26 @@ def test_routing_on_a_bitsandbytes_4bit_base(tmp_path):
             expected = layer.get_base_layer()(x).double() + reference_delta(x, deltas, 2, 1.0)
             assert torch.allclose(output.double(), expected, atol=1e-4), key
             assert (output.double() - layer.get_base_layer()(x).double()).abs().max() > 1e-2
+
+
+def test_load_arrow_model_refuses_damaged_router_files(tmp_path):
+    dirs = save_experts(tmp_path, tiny_llama, 2, LLAMA_TARGETS)
+    routed = create_arrow_model(tiny_llama(), dirs, ArrowConfig(top_k=1, rng_seed=0))
+    saved = tmp_path / "routed"
+    routed.save_pretrained(str(saved))
+    record_path = saved / "arrow_config.json"
+    good = record_path.read_text()
+    record = json.loads(good)
+    record["arrow_config"]["top_k"] = 3
+    damages = [
+        (lambda: record_path.write_text(json.dumps(record)), "top_k=3 exceeds"),
+        (lambda: record_path.write_text("{not json"), "not valid JSON"),
+        (lambda: (saved / "arrow_prototypes.safetensors").write_bytes(b"garbage"), "cannot read prototypes"),
+    ]
+    for damage, match in damages:
+        record_path.write_text(good)
+        damage()
+        base = tiny_llama()
+        with pytest.raises(ValueError, match=match):
+            load_arrow_model(base, saved)
+        assert not any(isinstance(m, SparseAdapterLayer) for m in base.modules())
