@@ -10,9 +10,13 @@ from .config import SparseAdapterConfig  # noqa: E402
 from .layer import SparseAdapterLayer  # noqa: E402
 from .library import ExpertLibrary, LibraryError  # noqa: E402
 from .model import SparseAdapterModel  # noqa: E402
+from .routing import ArrowConfig, create_arrow_model, load_arrow_model  # noqa: E402
 
 __all__ = [
     "PEFT_TYPE",
+    "ArrowConfig",
+    "create_arrow_model",
+    "load_arrow_model",
     "SparseMaskCalibrationCallback",
     "calibrate_masks",
     "ClusterResult",

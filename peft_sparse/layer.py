@@ -59,6 +59,7 @@ class SparseAdapterLayer(BaseTunerLayer):
 
     adapter_layer_names = ("sparse_adapter_values",)
     other_param_names = ("sparse_adapter_indices", "block_size", "scaling")
+    router: Any = None  # an Arrow router (peft_sparse.routing.ArrowRouter) when the layer routes between experts
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
@@ -250,6 +251,8 @@ class SparseAdapterLayer(BaseTunerLayer):
         """Add the deltas of ``adapter_names`` (default: active) into the base weight: an exact index add."""
         adapter_names = check_adapters_to_merge(self, adapter_names)
         adapter_names = [a for a in adapter_names if a in self.sparse_adapter_values]
+        if self.router is not None:
+            self.router.check_merge(adapter_names)
         if not adapter_names:
             return
         if safe_merge and not self.merged_weight_is_finite(adapter_names):
@@ -294,6 +297,8 @@ class SparseAdapterLayer(BaseTunerLayer):
             return self.base_layer(x, *args, **kwargs)
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
+        if self.router is not None and self.router.engaged(self.active_adapters):
+            return self.router.forward(self, x, *args, **kwargs)
         active = [a for a in self.active_adapters if a in self.sparse_adapter_values]
         if not active:
             return self.base_layer(x, *args, **kwargs)

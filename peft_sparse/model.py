@@ -19,6 +19,7 @@ from .distributed import full_weight
 from .layer import SUPPORTED_BASE_LAYERS, Linear, SparseAdapterLayer, storage_shape
 from .presets import is_preset, resolve_preset
 from .registration import PREFIX, _maybe_include_all_linear_layers
+from .routing import check_mergeable
 
 
 def _lora_entries(config: SparseAdapterConfig, key: str, shape: tuple[int, int]) -> int:
@@ -180,6 +181,7 @@ class SparseAdapterModel(BaseTuner):
 
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         """Merge into the base weights; with ``safe_merge`` every layer is checked before any is touched."""
+        check_mergeable(self.model, adapter_names)
         if safe_merge:
             self._check_finite_merge(adapter_names)
         super().merge_adapter(adapter_names=adapter_names, safe_merge=False)
@@ -191,6 +193,8 @@ class SparseAdapterModel(BaseTuner):
         safe_merge: bool = False,
         adapter_names: list[str] | None = None,
     ) -> nn.Module:
+        if merge:
+            check_mergeable(self.model, adapter_names)
         if merge and safe_merge:
             self._check_finite_merge(adapter_names)
         return super()._unload_and_optionally_merge(
