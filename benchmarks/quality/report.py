@@ -133,7 +133,10 @@ def _generation_sections(results: dict, held_in: list[str], held_out: list[str],
         ]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     task = held_in[0] if held_in else None
-    shown = [label for label in generation if task in generation[label] and generation[label][task].get("samples")]
+    # the base model, every single-task expert, and each method's first merge (not every combination)
+    firsts = {label.split(":")[0]: label for label in reversed(generation) if ":" in label}
+    candidates = [label for label in generation if ":" not in label] + list(reversed(firsts.values()))
+    shown = [label for label in candidates if task in generation[label] and generation[label][task].get("samples")]
     if shown:
         lines += ["", f"### Generated answers on `{task}` (first test items)", ""]
         samples = {label: generation[label][task]["samples"] for label in shown}
@@ -142,7 +145,8 @@ def _generation_sections(results: dict, held_in: list[str], held_out: list[str],
             lines += [f"**Prompt:** {prompt}  ", f"**Correct:** {sample['answer']}  "]
             for label in shown:
                 if i < len(samples[label]):
-                    lines.append(f"- `{label}`: {samples[label][i]['generated']!r}")
+                    text = samples[label][i]["generated"]
+                    lines.append(f"- `{label}`: {text if len(text) <= 160 else text[:157] + '...'!r}")
             lines.append("")
     return lines
 
