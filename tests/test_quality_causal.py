@@ -227,3 +227,18 @@ def test_causal_smoke_run_reports_generation_and_cost_and_resumes(tasks_dir, tmp
     assert again["results"]["individual"] == results["individual"]
     assert again["results"]["merged"] == results["merged"]
     assert again["results"]["generation"] == results["generation"]
+
+
+def test_step_cost_times_every_method_round_robin(tasks_dir, tmp_path):
+    from benchmarks.quality import step_cost
+
+    args = ["--model", "tiny-llama", "--tasks-dir", str(tasks_dir), "--task", "plain", "--steps", "3"]
+    args += ["--batch-size", "2", "--methods", "lora", "sparse-gradient", "--out", str(tmp_path), "--threads", "1"]
+    assert step_cost.main(args) == 0
+    result = json.loads((tmp_path / "quality_causal_step_cost.json").read_text())["results"]
+    assert result["lora"]["trainable_params"] == result["sparse-gradient"]["trainable_params"] > 0
+    for info in result.values():
+        assert len(info["steps_s"]) == 2 and 0 < info["min_s"] <= info["median_s"]
+    assert "× LoRA" in (tmp_path / "quality_causal_step_cost.md").read_text()
+    with pytest.raises(SystemExit, match="--task"):
+        step_cost.main(args[:4] + ["--task", "missing", "--out", str(tmp_path)])

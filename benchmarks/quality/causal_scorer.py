@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 SYSTEM_PROMPT = "Answer with one of the options, exactly as written."
+ANSWER_SLACK = 8  # generated tokens allowed beyond the longest candidate answer
 FORMAT_VERSION = "chat-options-v1"  # part of the cache key: change it when the rendering changes
 
 
@@ -149,13 +150,19 @@ def candidate_log_likelihoods(model: nn.Module, tokenizer, examples, pad_id: int
 
 @torch.no_grad()
 def greedy_answers(model: nn.Module, tokenizer, examples, pad_id: int, max_new_tokens: int) -> list[str]:
-    """Greedy generation from each prompt (left-padded batch), decoded up to the end-of-turn token."""
+    """Greedy generation from each prompt (left-padded batch), decoded up to the end-of-turn token.
+
+    Generation stops after the longest candidate's length + ``ANSWER_SLACK`` tokens (at most ``max_new_tokens``):
+    longer output cannot match any answer, and a rambling model would otherwise pay for every extra token.
+    """
     device = next(model.parameters()).device
     prompts = [encode_prompt(tokenizer, e) for e in examples]
     width = max(len(p) for p in prompts)
     ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     eos = end_of_turn_id(tokenizer)
+    longest = max(len(encode_answer(tokenizer, c)) for e in examples for c in e.candidates)
+    max_new_tokens = min(max_new_tokens, longest + ANSWER_SLACK)
     out = model.generate(
         input_ids=ids,
         attention_mask=mask,
@@ -221,7 +228,12 @@ class CausalScorer:
     @property
     def settings(self) -> dict:
         """What changes scores (part of the cache key)."""
-        return {"format": FORMAT_VERSION, "generate_items": self.generate_items, "max_new": self.max_new_tokens}
+        return {
+            "format": FORMAT_VERSION,
+            "generate_items": self.generate_items,
+            "max_new": self.max_new_tokens,
+            "slack": ANSWER_SLACK,
+        }
 
     def features(self, examples) -> Features:
         return build_features(self.tokenizer, examples, self.pad_id)
