@@ -188,9 +188,9 @@ def tasks_dir(tmp_path_factory):
     return root
 
 
-def run(tasks_dir, tmp_path):
+def run(tasks_dir, tmp_path, *extra):
     args = ["--causal", "--smoke", "--tasks-dir", str(tasks_dir), "--out", str(tmp_path / "out"), "--threads", "1"]
-    assert main(args + ["--cache-dir", str(tmp_path / "cache")]) == 0
+    assert main(args + ["--cache-dir", str(tmp_path / "cache"), *extra]) == 0
     return json.loads((tmp_path / "out" / "quality_causal_smoke.json").read_text())
 
 
@@ -227,6 +227,12 @@ def test_causal_smoke_run_reports_generation_and_cost_and_resumes(tasks_dir, tmp
     assert again["results"]["individual"] == results["individual"]
     assert again["results"]["merged"] == results["merged"]
     assert again["results"]["generation"] == results["generation"]
+
+    fewer = run(tasks_dir, tmp_path, "--generate", "1")  # new evaluation settings: re-scored, not retrained
+    assert [p.stat().st_mtime_ns for p in done] == stamps and fewer["header"]["experts_trained_by_this_command"] == 0
+    assert fewer["results"]["individual"] == results["individual"]  # the same experts, the same accuracy
+    generated = [m for per_task in fewer["results"]["generation"].values() for m in per_task.values()]
+    assert generated and all(len(m["samples"]) == 1 for m in generated)
 
 
 def test_step_cost_times_every_method_round_robin(tasks_dir, tmp_path):

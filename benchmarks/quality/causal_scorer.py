@@ -18,7 +18,7 @@ from torch import nn
 
 SYSTEM_PROMPT = "Answer with one of the options, exactly as written."
 ANSWER_SLACK = 8  # generated tokens allowed beyond the longest candidate answer
-FORMAT_VERSION = "chat-options-v1"  # part of the cache key: change it when the rendering changes
+FORMAT_VERSION = "chat-options-v1"  # part of the expert cache key: change it when the rendering changes
 
 
 # ------------------------------------------------------------------------------------------- rendering
@@ -227,9 +227,8 @@ class CausalScorer:
 
     @property
     def settings(self) -> dict:
-        """What changes scores (part of the cache key)."""
+        """What changes scores beside the expert itself (part of the score cache key)."""
         return {
-            "format": FORMAT_VERSION,
             "generate_items": self.generate_items,
             "max_new": self.max_new_tokens,
             "slack": ANSWER_SLACK,

