@@ -240,11 +240,15 @@ def test_step_cost_times_every_method_round_robin(tasks_dir, tmp_path):
 
     args = ["--model", "tiny-llama", "--tasks-dir", str(tasks_dir), "--task", "plain", "--steps", "3"]
     args += ["--batch-size", "2", "--methods", "lora", "sparse-gradient", "--out", str(tmp_path), "--threads", "1"]
-    assert step_cost.main(args) == 0
+    assert step_cost.main(args + ["--no-memory"]) == 0
     result = json.loads((tmp_path / "quality_causal_step_cost.json").read_text())["results"]
     assert result["lora"]["trainable_params"] == result["sparse-gradient"]["trainable_params"] > 0
     for info in result.values():
         assert len(info["steps_s"]) == 2 and 0 < info["min_s"] <= info["median_s"]
+    parsed = step_cost.parse_args(args[:4] + ["--methods", "sparse-gradient", "--batch-size", "2"])
+    task = category_task("plain", "{}", 0)
+    memory = step_cost.memory_in_fresh_processes(parsed, [task.train[:2], task.train[2:4]])  # a child process
+    assert set(memory) == {"sparse-gradient"} and (memory["sparse-gradient"] is None or memory["sparse-gradient"] >= 0)
     assert "× LoRA" in (tmp_path / "quality_causal_step_cost.md").read_text()
     with pytest.raises(SystemExit, match="--task"):
         step_cost.main(args[:4] + ["--task", "missing", "--out", str(tmp_path)])

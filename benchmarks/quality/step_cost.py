@@ -2,8 +2,10 @@
 
 Every method's trainable model is built on the same base and the methods take their steps in turn on the same
 batches (round robin), so load from other processes hits them alike and the ratios to LoRA are comparable even on
-a busy machine. The first step of each method is a warm-up and is not timed. ``--profile`` adds the ten most
-expensive operators of one step per method (torch.profiler), to see where a slower method spends its time.
+a busy machine. The first step of each method is a warm-up and is not timed. Memory is measured apart, each method
+in a fresh process (one process would reuse memory freed by another method without its RSS rising): the peak RSS
+of two training steps above the RSS once the trainable model is built. ``--profile`` adds the ten most expensive
+operators of one step per method (torch.profiler), to see where a slower method spends its time.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ import argparse
 import json
 import shlex
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,6 +27,7 @@ from peft_sparse.files import atomic_write_text
 
 from .harness import _batches, _memory_kb, _reset_peak_memory
 from .methods import build_trainable, parse_method, trainable_count
+from .tasks import Task, save_task_jsonl
 
 DEFAULT_METHODS = ["lora", "sparse-gradient", "sparse-gradient-b16", "shira", "full"]
 
@@ -40,6 +45,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--profile", action="store_true", help="top operators of one step per method")
+    parser.add_argument("--no-memory", action="store_true", help="skip the per-method memory processes")
+    parser.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)  # child process: one method's memory
     parser.add_argument("--cache-dir", default="cache/quality")
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--prefix", default="quality_causal_step_cost")
@@ -63,27 +70,57 @@ def _top_operators(model, optimizer, scorer, batch, count: int = 10) -> list[dic
     return [{"op": e.key, "self_ms": e.self_cpu_time_total / 1000, "calls": e.count} for e in rows]
 
 
+def _build(base, scorer, name: str, batches: list, rank: int, seed: int):
+    method = parse_method(name)
+    torch.manual_seed(seed)
+    model = build_trainable(base, method, rank, seed)
+    if method.kind == "sparse" and method.mask_init in ("snip", "gradient", "warmup"):
+        calibrate_masks(model, batches[:1], loss_fn=scorer.loss, progress=False)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    return model, torch.optim.AdamW(params, lr=1e-6)
+
+
+def memory_of_one_method(base, scorer, name: str, batches: list, rank: int, seed: int) -> float | None:
+    """Peak RSS (MB) of two training steps above the RSS with the trainable model built (fresh process only)."""
+    model, optimizer = _build(base, scorer, name, batches, rank, seed)
+    before = _reset_peak_memory()
+    for batch in batches[:2]:
+        _step(model, optimizer, scorer, batch)
+    peak = _memory_kb("VmHWM")
+    return None if before is None or peak is None else (peak - before) / 1024
+
+
+def memory_in_fresh_processes(args: argparse.Namespace, batches: list) -> dict[str, float | None]:
+    """Each method's training memory, measured by this module in a child process of its own."""
+    with tempfile.TemporaryDirectory() as tmp:
+        examples = [e for batch in batches[:2] for e in batch]
+        save_task_jsonl(Task("batches", False, examples, [], []), Path(tmp) / "batches.jsonl")
+        result = {}
+        for name in args.methods:
+            command = [sys.executable, "-m", "benchmarks.quality.step_cost", "--memory-of", name, "--task", "batches"]
+            command += ["--tasks-dir", tmp, "--batch-size", str(args.batch_size), "--rank", str(args.rank)]
+            command += ["--seed", str(args.seed), "--cache-dir", args.cache_dir]
+            command += ["--model", args.model] if args.model else []
+            command += ["--threads", str(args.threads)] if args.threads else []
+            repo = Path(__file__).resolve().parents[2]
+            done = subprocess.run(command, capture_output=True, text=True, check=False, cwd=repo)
+            if done.returncode != 0:
+                raise RuntimeError(f"memory measurement of {name} failed:\n{done.stderr[-2000:]}")
+            result[name] = json.loads(done.stdout.strip().splitlines()[-1])["peak_extra_mb"]
+    return result
+
+
 def measure(base, scorer, method_names: list[str], batches: list, rank: int, seed: int, profile: bool) -> dict:
     """Round-robin training steps of every method on the same batches: times, memory, optional profile."""
     runs = {}
     for name in method_names:
-        method = parse_method(name)
-        torch.manual_seed(seed)
-        model = build_trainable(base, method, rank, seed)
-        if method.kind == "sparse" and method.mask_init in ("snip", "gradient", "warmup"):
-            calibrate_masks(model, batches[:1], loss_fn=scorer.loss, progress=False)
-        model.train()
-        params = [p for p in model.parameters() if p.requires_grad]
-        runs[name] = (model, torch.optim.AdamW(params, lr=1e-6), trainable_count(model))
+        model, optimizer = _build(base, scorer, name, batches, rank, seed)
+        runs[name] = (model, optimizer, trainable_count(model))
     times: dict[str, list[float]] = {name: [] for name in method_names}
-    peaks: dict[str, float] = dict.fromkeys(method_names, 0.0)
     for step, batch in enumerate(batches):
         for name, (model, optimizer, _) in runs.items():
-            before = _reset_peak_memory()
             seconds = _step(model, optimizer, scorer, batch)
-            peak = _memory_kb("VmHWM")
-            if before is not None and peak is not None:
-                peaks[name] = max(peaks[name], (peak - before) / 1024)
             if step:
                 times[name].append(seconds)
     result = {}
@@ -93,7 +130,6 @@ def measure(base, scorer, method_names: list[str], batches: list, rank: int, see
             "median_s": statistics.median(times[name]),
             "min_s": min(times[name]),
             "steps_s": times[name],
-            "peak_extra_mb": peaks[name] or None,
         }
         if profile:
             result[name]["top_operators"] = _top_operators(model, optimizer, scorer, batches[0])
@@ -110,15 +146,15 @@ def markdown(result: dict, header: dict) -> str:
         f" {header['mean_tokens']:.0f} tokens · {header['steps']} steps per method (first untimed), round robin ·"
         f" {header['threads']} threads · {header['date']}",
         "",
-        "Extra peak memory: a step's peak RSS above the RSS before it (activations, gradients, and on the first"
-        " step the optimizer state), the largest over the steps.",
+        "Extra peak memory: in a fresh process per method, the peak RSS of two training steps above the RSS with"
+        " the trainable model built (activations, gradients, optimizer state).",
         "",
         "| method | trainable params | median s / step | min s / step | × LoRA (median) | extra peak memory (MB) |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for name, info in result.items():
         ratio = f"{info['median_s'] / lora:.2f}" if lora else "–"
-        peak = "–" if info["peak_extra_mb"] is None else f"{info['peak_extra_mb']:.0f}"
+        peak = "–" if info.get("peak_extra_mb") is None else f"{info['peak_extra_mb']:.0f}"
         lines.append(
             f"| {name} | {info['trainable_params']:,} | {info['median_s']:.3f} | {info['min_s']:.3f} | {ratio} |"
             f" {peak} |"
@@ -151,8 +187,15 @@ def main(argv: list[str] | None = None) -> int:
     base.requires_grad_(False)
     scorer = CausalScorer(tokenizer, generate_items=0)
     batches = list(_batches(task.train, args.batch_size, args.steps, args.seed))
+    if args.memory_of:
+        peak = memory_of_one_method(base, scorer, args.memory_of, batches, args.rank, args.seed)
+        print(json.dumps({"method": args.memory_of, "peak_extra_mb": peak}))
+        return 0
     tokens = [int(scorer.features(b).attention_mask.sum(1).float().mean()) for b in batches]
     result = measure(base, scorer, args.methods, batches, args.rank, args.seed, args.profile)
+    if not args.no_memory:
+        for name, peak in memory_in_fresh_processes(args, batches).items():
+            result[name]["peak_extra_mb"] = peak
     header = {
         "command": "python -m benchmarks.quality.step_cost " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
         "model": model_id,
