@@ -66,7 +66,7 @@ def claims(results: dict, held_in: list[str], scorer: str = "encoder") -> list[d
         rows.append({"claim": claim, "lhs": lhs, "rhs": rhs, "held": held, "detail": detail})
 
     add(
-        f"sparse (best init) ≥ LoRA + {100 * single_margin:g} pt",
+        "sparse (best init) ≥ LoRA" + (f" + {100 * single_margin:g} pt" if single_margin else ""),
         sparse.get(best_sparse),
         ind.get("lora"),
         single_margin,
