@@ -70,11 +70,11 @@ def _top_operators(model, optimizer, scorer, batch, count: int = 10) -> list[dic
     return [{"op": e.key, "self_ms": e.self_cpu_time_total / 1000, "calls": e.count} for e in rows]
 
 
-def _build(base, scorer, name: str, batches: list, rank: int, seed: int):
+def _build(base, scorer, name: str, batches: list, rank: int, seed: int, calibrate: bool = True):
     method = parse_method(name)
     torch.manual_seed(seed)
     model = build_trainable(base, method, rank, seed)
-    if method.kind == "sparse" and method.mask_init in ("snip", "gradient", "warmup"):
+    if calibrate and method.kind == "sparse" and method.mask_init in ("snip", "gradient", "warmup"):
         calibrate_masks(model, batches[:1], loss_fn=scorer.loss, progress=False)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -82,8 +82,12 @@ def _build(base, scorer, name: str, batches: list, rank: int, seed: int):
 
 
 def memory_of_one_method(base, scorer, name: str, batches: list, rank: int, seed: int) -> float | None:
-    """Peak RSS (MB) of two training steps above the RSS with the trainable model built (fresh process only)."""
-    model, optimizer = _build(base, scorer, name, batches, rank, seed)
+    """Peak RSS (MB) of two training steps above the RSS with the trainable model built (fresh process only).
+
+    The mask is not calibrated here: calibration's own forward/backward would leave freed memory that the steps
+    then reuse unseen, and a step's memory does not depend on which entries the mask holds.
+    """
+    model, optimizer = _build(base, scorer, name, batches, rank, seed, calibrate=False)
     before = _reset_peak_memory()
     for batch in batches[:2]:
         _step(model, optimizer, scorer, batch)
