@@ -118,13 +118,13 @@ def train_expert(base, scorer, method: Method, task, lr: float, settings: RunSet
         calibrate_masks(model, chosen, loss_fn=scorer.loss, progress=False)
         return time.perf_counter() - began
 
+    rss_before = _reset_peak_memory()
     calibration_seconds = calibrate(0) if calibrates else 0.0
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     again = set(reselect_steps(settings.steps)) if method.reselect else set()
     model.train()
     step_seconds = []
-    rss_before = _reset_peak_memory()
     for step, batch in enumerate(tqdm(batches, desc=f"{method.name} on {task.name} lr={lr:g}", leave=False)):
         if step in again:  # the research recipe: the mask follows the task gradient early, then stays fixed
             calibration_seconds += calibrate(step)
@@ -142,7 +142,7 @@ def train_expert(base, scorer, method: Method, task, lr: float, settings: RunSet
         stats["seconds_per_step"] = sum(timed) / len(timed)
         stats["calibration_seconds"] = calibration_seconds
         peak = _memory_kb("VmHWM")
-        # the training loop's peak RSS above the RSS before it: activations, gradients, optimizer state
+        # peak RSS of mask calibration + training above the RSS before: activations, gradients, optimizer state
         stats["peak_extra_mb"] = None if rss_before is None or peak is None else (peak - rss_before) / 1024
     return model
 

@@ -160,9 +160,9 @@ def _cost_section(results: dict, header: dict) -> list[str]:
         "## Training cost (measured while the experts trained)",
         "",
         f"Batch {header['batch_size']}, {header['steps']} steps per expert; mean over the method's held-in experts"
-        " (the first step excluded). Extra peak memory = the training loop's peak RSS above the RSS before it"
-        " (activations, gradients, optimizer state), the largest over the experts; a lower bound, as memory freed"
-        " by earlier work in the same process is reused without raising the RSS (`python -m"
+        " (the first step excluded). Extra peak memory = the peak RSS of mask calibration and training above the"
+        " RSS before them (activations, gradients, optimizer state), the largest over the experts; a lower bound,"
+        " as memory freed by earlier work in the same process is reused without raising the RSS (`python -m"
         " benchmarks.quality.step_cost` measures each method in a fresh process). Timings depend on what else ran"
         " on the machine at the time.",
         "",
