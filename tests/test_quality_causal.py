@@ -252,3 +252,8 @@ def test_step_cost_times_every_method_round_robin(tasks_dir, tmp_path):
     assert "× LoRA" in (tmp_path / "quality_causal_step_cost.md").read_text()
     with pytest.raises(SystemExit, match="--task"):
         step_cost.main(args[:4] + ["--task", "missing", "--out", str(tmp_path)])
+
+
+def test_generate_needs_the_causal_scorer():
+    with pytest.raises(SystemExit, match="--generate needs --causal"):
+        main(["--smoke", "--generate", "2"])
