@@ -254,6 +254,9 @@ def test_step_cost_times_every_method_round_robin(tasks_dir, tmp_path):
         step_cost.main(args[:4] + ["--task", "missing", "--out", str(tmp_path)])
 
 
-def test_generate_needs_the_causal_scorer():
+def test_generate_needs_the_causal_scorer_and_sizes_are_checked():
     with pytest.raises(SystemExit, match="--generate needs --causal"):
         main(["--smoke", "--generate", "2"])
+    for bad in (["--generate", "-1"], ["--batch-size", "0"]):
+        with pytest.raises(SystemExit, match="at least"):
+            main(["--causal", "--smoke", *bad])

@@ -251,7 +251,7 @@ def load_tasks(args: argparse.Namespace, seed: int) -> dict:
 
 
 def load_scorer(args: argparse.Namespace, preset_name: str, preset: dict, tasks: dict):
-    """(base model, scorer, cache key of the model + scoring, model label for the report)."""
+    """(base model, scorer, expert-cache key: the model (+ prompt format), model label for the report)."""
     if not args.causal:
         from .scorer import EncoderScorer, default_model_path, load_encoder
 
@@ -279,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     preset = dict((CAUSAL_PRESETS if args.causal else PRESETS)[preset_name])
     if args.generate is not None and not args.causal:
         raise SystemExit("--generate needs --causal (the encoder does not generate)")
+    if (args.generate is not None and args.generate < 0) or (args.batch_size is not None and args.batch_size < 1):
+        raise SystemExit("--batch-size must be at least 1 and --generate at least 0")
     if args.threads:
         torch.set_num_threads(args.threads)
     from .harness import ExpertCache, Harness, RunSettings
