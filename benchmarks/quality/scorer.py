@@ -69,3 +69,19 @@ def accuracy(model: nn.Module, tokenizer, examples, batch_size: int = 64) -> flo
         correct += int((logits.argmax(-1).cpu() == torch.tensor([e.label for e in chunk])).sum())
     model.train(was_training)
     return correct / max(len(examples), 1)
+
+
+class EncoderScorer:
+    """The encoder scorer behind the harness's scorer interface (``loss``, ``evaluate``, ``settings``)."""
+
+    kind = "encoder"
+    settings: dict = {}
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+
+    def loss(self, model: nn.Module, examples) -> torch.Tensor:
+        return batch_loss(model, self.tokenizer, examples)
+
+    def evaluate(self, model: nn.Module, examples) -> dict:
+        return {"accuracy": accuracy(model, self.tokenizer, examples)}
