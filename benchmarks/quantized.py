@@ -66,6 +66,13 @@ def load(path: Path, kind: str) -> torch.nn.Module:
     ).eval()
 
 
+def quantize(model: torch.nn.Module, kind: str) -> torch.nn.Module:
+    """``model`` (a transformers model) saved to a temporary directory and loaded back as ``kind``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        return load(Path(tmp), kind)
+
+
 def save_random_llama(config: dict[str, Any], path: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     LlamaForCausalLM(LlamaConfig(**config)).save_pretrained(path)
@@ -154,27 +161,24 @@ def run_precision(out: Path | None) -> dict[str, Any]:
 
 
 def run_timing(quick: bool, steps: int, warmup: int, out: Path | None) -> dict[str, Any]:
-    from benchmarks.perf.measure import Trainer, train_step_times
-    from benchmarks.perf.methods import LOWER_BOUND, build
+    from benchmarks.perf.bases import method_step_times
+    from benchmarks.perf.methods import LOWER_BOUND
     from benchmarks.perf.models import full_specs, quick_specs
 
     spec = next(s for s in (quick_specs() if quick else full_specs()) if s.name == "llama")
     methods = [LOWER_BOUND, "lora_r16", "sparse", "sparse_block32"]
-    batch = spec.batch()
     results: dict[str, Any] = {"spec": spec.title, "steps": steps, "threads": torch.get_num_threads(), "rows": []}
     with tempfile.TemporaryDirectory() as tmp:
         path = save_random_llama(spec.config, Path(tmp))
         for kind in ("fp32", "bnb_nf4", "bnb_int8", "torchao_int8"):
-            base = load(path, kind)
-            trainers = [Trainer(m, build(m, spec, base), spec, batch) for m in methods]
-            times = train_step_times(trainers, warmup, steps)
-            bound = times[LOWER_BOUND]["wall_s"]
+            times = method_step_times(spec, load(path, kind), methods, warmup, steps)
+            bound = times[LOWER_BOUND]["step_wall_s"]
             for m in methods:
-                row = {"kind": kind, "method": m, "wall_s": times[m]["wall_s"], "vs_frozen": times[m]["wall_s"] / bound}
-                row["vs_lora_r16"] = times[m]["wall_s"] / times["lora_r16"]["wall_s"]
+                row = {"kind": kind, "method": m, "wall_s": times[m]["step_wall_s"]}
+                row["vs_frozen"] = row["wall_s"] / bound
+                row["vs_lora_r16"] = row["wall_s"] / times["lora_r16"]["step_wall_s"]
                 results["rows"].append(row)
                 print(json.dumps(row))
-            del trainers, base
     print("\n| base | method | step (s) | × frozen | × LoRA r=16 |")
     print("|---|---|---|---|---|")
     for r in results["rows"]:

@@ -73,6 +73,8 @@ def forward_only(model: nn.Module, batch: dict[str, Any]) -> None:
 
 BERT_TARGETS = ["query", "key", "value", "dense"]  # q, k, v, attention.output.dense, intermediate.dense, output.dense
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# the other bases the Llama trains on (benchmarks/perf/bases.py): bf16, and quantized through transformers
+LLAMA_BASE_VARIANTS = ["bf16", "bnb_nf4", "bnb_int8", "torchao_int8"]
 
 
 def full_specs() -> list[ModelSpec]:
@@ -109,7 +111,7 @@ def full_specs() -> list[ModelSpec]:
                 tie_word_embeddings=False,
             ),
             target_modules=LLAMA_TARGETS,
-            extra={"base_variants": ["bf16"]},
+            extra={"base_variants": LLAMA_BASE_VARIANTS},
             batch_size=4,
             seq_len=256,
             swap_seq_len=128,
@@ -151,7 +153,7 @@ def quick_specs() -> list[ModelSpec]:
                 tie_word_embeddings=False,
             ),
             target_modules=LLAMA_TARGETS,
-            extra={"base_variants": ["bf16"]},
+            extra={"base_variants": LLAMA_BASE_VARIANTS},
             batch_size=2,
             seq_len=32,
             swap_seq_len=16,
