@@ -21,13 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import get_peft_model
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM, TorchAoConfig
+from peft import LoraConfig, get_peft_model
 
+from benchmarks.perf.bases import method_step_times
+from benchmarks.perf.methods import LOWER_BOUND
+from benchmarks.perf.models import LLAMA_TARGETS, full_specs, load_llama, quick_specs, save_random_llama
 from peft_sparse import SparseAdapterConfig
 from peft_sparse.layer import SparseAdapterLayer
 
-FP32 = torch.float32
 KINDS = ("fp32", "bnb_nf4", "bnb_fp4", "bnb_int8", "torchao_int8")
 PRECISION_CONFIG = dict(
     vocab_size=1024,
@@ -39,44 +40,9 @@ PRECISION_CONFIG = dict(
     max_position_embeddings=128,
     tie_word_embeddings=False,
 )
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # delta scales: the std of the random values as a fraction of each layer's weight RMS
 SCALES = (0.1, 1.0)
 MASKS = ("magnitude", "random")
-
-
-def quantization_config(kind: str) -> Any:
-    from torchao.quantization import Int8WeightOnlyConfig
-
-    return {
-        "fp32": None,
-        "bnb_nf4": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=FP32),
-        "bnb_fp4": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_compute_dtype=FP32),
-        "bnb_int8": BitsAndBytesConfig(load_in_8bit=True),
-        "torchao_int8": TorchAoConfig(Int8WeightOnlyConfig()),
-    }[kind]
-
-
-def load(path: Path, kind: str) -> torch.nn.Module:
-    config = quantization_config(kind)
-    if config is None:
-        return LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    return AutoModelForCausalLM.from_pretrained(
-        path, quantization_config=config, device_map="cpu", dtype=torch.float32
-    ).eval()
-
-
-def quantize(model: torch.nn.Module, kind: str) -> torch.nn.Module:
-    """``model`` (a transformers model) saved to a temporary directory and loaded back as ``kind``."""
-    with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp)
-        return load(Path(tmp), kind)
-
-
-def save_random_llama(config: dict[str, Any], path: Path, seed: int = 0) -> Path:
-    torch.manual_seed(seed)
-    LlamaForCausalLM(LlamaConfig(**config)).save_pretrained(path)
-    return path
 
 
 def _layers(model: torch.nn.Module) -> dict[str, SparseAdapterLayer]:
@@ -90,10 +56,9 @@ def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 def merge_precision(path: Path, kind: str, scale: float, mask: str, seed: int = 0) -> dict[str, float]:
     """What a merge keeps of random sparse deltas of ``scale`` x the weight RMS (Frobenius norms over all layers)."""
-    from peft import LoraConfig
-
-    config = SparseAdapterConfig.from_lora_config(LoraConfig(r=16, target_modules=TARGETS), mask_init=mask, seed=seed)
-    model = get_peft_model(load(path, kind), config)
+    lora = LoraConfig(r=16, target_modules=LLAMA_TARGETS)
+    config = SparseAdapterConfig.from_lora_config(lora, mask_init=mask, seed=seed)
+    model = get_peft_model(load_llama(path, kind), config)
     generator = torch.Generator().manual_seed(seed)
     layers = _layers(model)
     base, exact = {}, {}
@@ -136,7 +101,8 @@ def merge_precision(path: Path, kind: str, scale: float, mask: str, seed: int = 
 
 
 def run_precision(out: Path | None) -> dict[str, Any]:
-    results: dict[str, Any] = {"config": PRECISION_CONFIG, "targets": TARGETS, "budget": "LoRA r=16 count", "rows": []}
+    results: dict[str, Any] = {"config": PRECISION_CONFIG, "targets": LLAMA_TARGETS, "budget": "LoRA r=16 count"}
+    results["rows"] = []
     with tempfile.TemporaryDirectory() as tmp:
         path = save_random_llama(PRECISION_CONFIG, Path(tmp))
         for kind in KINDS:
@@ -161,17 +127,13 @@ def run_precision(out: Path | None) -> dict[str, Any]:
 
 
 def run_timing(quick: bool, steps: int, warmup: int, out: Path | None) -> dict[str, Any]:
-    from benchmarks.perf.bases import method_step_times
-    from benchmarks.perf.methods import LOWER_BOUND
-    from benchmarks.perf.models import full_specs, quick_specs
-
     spec = next(s for s in (quick_specs() if quick else full_specs()) if s.name == "llama")
     methods = [LOWER_BOUND, "lora_r16", "sparse", "sparse_block32"]
     results: dict[str, Any] = {"spec": spec.title, "steps": steps, "threads": torch.get_num_threads(), "rows": []}
     with tempfile.TemporaryDirectory() as tmp:
         path = save_random_llama(spec.config, Path(tmp))
         for kind in ("fp32", "bnb_nf4", "bnb_int8", "torchao_int8"):
-            times = method_step_times(spec, load(path, kind), methods, warmup, steps)
+            times = method_step_times(spec, load_llama(path, kind), methods, warmup, steps)
             bound = times[LOWER_BOUND]["step_wall_s"]
             for m in methods:
                 row = {"kind": kind, "method": m, "wall_s": times[m]["step_wall_s"]}

@@ -2,7 +2,7 @@
 
 Each base variant turns the fp32 benchmark model into another base (``prepare``), then the listed methods train
 on it in interleaved rounds, exactly like the main step-time measurement. Quantized bases are the fp32 model
-saved and reloaded through transformers' quantizers (``benchmarks.quantized``); PEFT's LoRA and SHiRA then use
+saved and reloaded through transformers' quantizers (``models.quantize``); PEFT's LoRA and SHiRA then use
 their own quantized layers. A variant whose library is not installed is recorded as skipped, with the reason.
 Another base is added with :func:`register_base_variant`; the report and the targets pick it up.
 """
@@ -20,10 +20,8 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from benchmarks.quantized import quantize
-
 from . import measure, methods
-from .models import ModelSpec
+from .models import ModelSpec, quantize
 
 
 @dataclass(frozen=True)
@@ -53,7 +51,7 @@ def register_base_variant(name: str, variant: BaseVariant) -> None:
     BASE_VARIANTS[name] = variant
 
 
-# kind of benchmarks.quantized.quantization_config -> (label, package it needs)
+# kind of models.quantization_config -> (label, package it needs)
 QUANTIZED_BASES = {
     "bnb_nf4": ("bitsandbytes NF4 4-bit base (fp32 compute)", "bitsandbytes"),
     "bnb_int8": ("bitsandbytes int8 base (LLM.int8, has_fp16_weights=False)", "bitsandbytes"),
