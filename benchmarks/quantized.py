@@ -9,6 +9,8 @@ Llama loaded through transformers' quantizers and measures what requantization d
 training step of the performance benchmark (``benchmarks.perf``: its Llama spec, AdamW, interleaved rounds,
 medians) with the base quantized: frozen lower bound, LoRA r=16, sparse unstructured and block-32.
 ``bnb-shapes`` compares bitsandbytes' 4-bit quantization error per weight shape with an NF4 reference written here.
+The quantized loaders (``load_llama``, ``save_random_llama``) and the step-time helper are the performance
+benchmark's, which also reports these bases as its own rows (LoRA r=8, SHiRA, sparse, block-32, frozen bound).
 """
 
 from __future__ import annotations
