@@ -9,6 +9,8 @@ Llama loaded through transformers' quantizers and measures what requantization d
 training step of the performance benchmark (``benchmarks.perf``: its Llama spec, AdamW, interleaved rounds,
 medians) with the base quantized: frozen lower bound, LoRA r=16, sparse unstructured and block-32.
 ``bnb-shapes`` compares bitsandbytes' 4-bit quantization error per weight shape with an NF4 reference written here.
+The quantized loaders (``load_llama``, ``save_random_llama``) and the step-time helper are the performance
+benchmark's, which also reports these bases as its own rows (LoRA r=8, SHiRA, sparse, block-32, frozen bound).
 """
 
 from __future__ import annotations
@@ -21,13 +23,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import get_peft_model
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM, TorchAoConfig
+from peft import LoraConfig, get_peft_model
 
+from benchmarks.perf.bases import method_step_times
+from benchmarks.perf.methods import LOWER_BOUND
+from benchmarks.perf.models import LLAMA_TARGETS, full_specs, load_llama, quick_specs, save_random_llama
 from peft_sparse import SparseAdapterConfig
 from peft_sparse.layer import SparseAdapterLayer
 
-FP32 = torch.float32
 KINDS = ("fp32", "bnb_nf4", "bnb_fp4", "bnb_int8", "torchao_int8")
 PRECISION_CONFIG = dict(
     vocab_size=1024,
@@ -39,37 +42,9 @@ PRECISION_CONFIG = dict(
     max_position_embeddings=128,
     tie_word_embeddings=False,
 )
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # delta scales: the std of the random values as a fraction of each layer's weight RMS
 SCALES = (0.1, 1.0)
 MASKS = ("magnitude", "random")
-
-
-def quantization_config(kind: str) -> Any:
-    from torchao.quantization import Int8WeightOnlyConfig
-
-    return {
-        "fp32": None,
-        "bnb_nf4": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=FP32),
-        "bnb_fp4": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_compute_dtype=FP32),
-        "bnb_int8": BitsAndBytesConfig(load_in_8bit=True),
-        "torchao_int8": TorchAoConfig(Int8WeightOnlyConfig()),
-    }[kind]
-
-
-def load(path: Path, kind: str) -> torch.nn.Module:
-    config = quantization_config(kind)
-    if config is None:
-        return LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    return AutoModelForCausalLM.from_pretrained(
-        path, quantization_config=config, device_map="cpu", dtype=torch.float32
-    ).eval()
-
-
-def save_random_llama(config: dict[str, Any], path: Path, seed: int = 0) -> Path:
-    torch.manual_seed(seed)
-    LlamaForCausalLM(LlamaConfig(**config)).save_pretrained(path)
-    return path
 
 
 def _layers(model: torch.nn.Module) -> dict[str, SparseAdapterLayer]:
@@ -83,10 +58,9 @@ def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 def merge_precision(path: Path, kind: str, scale: float, mask: str, seed: int = 0) -> dict[str, float]:
     """What a merge keeps of random sparse deltas of ``scale`` x the weight RMS (Frobenius norms over all layers)."""
-    from peft import LoraConfig
-
-    config = SparseAdapterConfig.from_lora_config(LoraConfig(r=16, target_modules=TARGETS), mask_init=mask, seed=seed)
-    model = get_peft_model(load(path, kind), config)
+    lora = LoraConfig(r=16, target_modules=LLAMA_TARGETS)
+    config = SparseAdapterConfig.from_lora_config(lora, mask_init=mask, seed=seed)
+    model = get_peft_model(load_llama(path, kind), config)
     generator = torch.Generator().manual_seed(seed)
     layers = _layers(model)
     base, exact = {}, {}
@@ -129,7 +103,8 @@ def merge_precision(path: Path, kind: str, scale: float, mask: str, seed: int = 
 
 
 def run_precision(out: Path | None) -> dict[str, Any]:
-    results: dict[str, Any] = {"config": PRECISION_CONFIG, "targets": TARGETS, "budget": "LoRA r=16 count", "rows": []}
+    results: dict[str, Any] = {"config": PRECISION_CONFIG, "targets": LLAMA_TARGETS, "budget": "LoRA r=16 count"}
+    results["rows"] = []
     with tempfile.TemporaryDirectory() as tmp:
         path = save_random_llama(PRECISION_CONFIG, Path(tmp))
         for kind in KINDS:
@@ -154,27 +129,20 @@ def run_precision(out: Path | None) -> dict[str, Any]:
 
 
 def run_timing(quick: bool, steps: int, warmup: int, out: Path | None) -> dict[str, Any]:
-    from benchmarks.perf.measure import Trainer, train_step_times
-    from benchmarks.perf.methods import LOWER_BOUND, build
-    from benchmarks.perf.models import full_specs, quick_specs
-
     spec = next(s for s in (quick_specs() if quick else full_specs()) if s.name == "llama")
     methods = [LOWER_BOUND, "lora_r16", "sparse", "sparse_block32"]
-    batch = spec.batch()
     results: dict[str, Any] = {"spec": spec.title, "steps": steps, "threads": torch.get_num_threads(), "rows": []}
     with tempfile.TemporaryDirectory() as tmp:
         path = save_random_llama(spec.config, Path(tmp))
         for kind in ("fp32", "bnb_nf4", "bnb_int8", "torchao_int8"):
-            base = load(path, kind)
-            trainers = [Trainer(m, build(m, spec, base), spec, batch) for m in methods]
-            times = train_step_times(trainers, warmup, steps)
-            bound = times[LOWER_BOUND]["wall_s"]
+            times = method_step_times(spec, load_llama(path, kind), methods, warmup, steps)
+            bound = times[LOWER_BOUND]["step_wall_s"]
             for m in methods:
-                row = {"kind": kind, "method": m, "wall_s": times[m]["wall_s"], "vs_frozen": times[m]["wall_s"] / bound}
-                row["vs_lora_r16"] = times[m]["wall_s"] / times["lora_r16"]["wall_s"]
+                row = {"kind": kind, "method": m, "wall_s": times[m]["step_wall_s"]}
+                row["vs_frozen"] = row["wall_s"] / bound
+                row["vs_lora_r16"] = row["wall_s"] / times["lora_r16"]["step_wall_s"]
                 results["rows"].append(row)
                 print(json.dumps(row))
-            del trainers, base
     print("\n| base | method | step (s) | × frozen | × LoRA r=16 |")
     print("|---|---|---|---|---|")
     for r in results["rows"]:

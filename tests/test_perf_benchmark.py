@@ -79,3 +79,84 @@ def test_targets_table(quick_run: Path) -> None:
     assert "## Targets" in md and ("met" in md or "MISSED" in md)
     for model in ("minilm", "llama"):
         assert f"## {model}" in md
+
+
+# LoRA on each base goes through PEFT's own layer for that base
+LORA_LAYERS = {
+    "bf16": "peft.tuners.lora.layer.Linear",
+    "bnb_nf4": "peft.tuners.lora.bnb.Linear4bit",
+    "bnb_int8": "peft.tuners.lora.bnb.Linear8bitLt",
+    "torchao_int8": "peft.tuners.lora.torchao.TorchaoLoraLinear",
+}
+WEIGHT_TYPES = {
+    "bf16": "Parameter[torch.bfloat16]",
+    "bnb_nf4": "Params4bit[torch.uint8]",
+    "bnb_int8": "Int8Params[torch.int8]",
+    "torchao_int8": "Int8Tensor[torch.float32]",  # torchao reports the logical dtype
+}
+
+
+def test_other_bases_have_their_own_rows_and_targets(quick_run: Path) -> None:
+    from benchmarks.perf.bases import BASE_VARIANTS
+    from benchmarks.perf.methods import LOWER_BOUND
+    from benchmarks.perf.models import LLAMA_BASE_VARIANTS
+
+    data = json.loads((quick_run / "perf.json").read_text())
+    llama = data["models"]["llama"]
+    variants = llama["base_variants"]
+    assert list(variants) == LLAMA_BASE_VARIANTS == list(WEIGHT_TYPES)
+    md = (quick_run / "perf.md").read_text()
+    scopes = {t["scope"] for t in data["targets"]}
+    for name, variant in variants.items():
+        assert "skipped" not in variant, variant  # bitsandbytes and torchao are dev dependencies
+        assert variant["weight_types"] == [WEIGHT_TYPES[name]]
+        assert list(variant["methods"]) == list(BASE_VARIANTS[name].methods)
+        for method, row in variant["methods"].items():
+            assert len(row["step_cpu_all_s"]) == data["meta"]["settings"]["steps"]
+            for key in ("step_cpu_s", "step_wall_s"):
+                assert math.isfinite(row[key]) and row[key] > 0, (name, method, key)
+            # the same counts as on the fp32 base: the quantized layers' logical shapes, not their packed storage
+            expected = 0 if method == LOWER_BOUND else llama["methods"][method]["trainable_params"]
+            assert row["trainable_params"] == expected, (name, method)
+        assert variant["methods"]["lora_r8"]["adapter_layers"] == [LORA_LAYERS[name]]
+        assert variant["methods"]["sparse"]["adapter_layers"] == ["peft_sparse.layer.Linear"]
+        assert variant["methods"][LOWER_BOUND]["adapter_layers"] == []
+        assert {"step: block 32 / LoRA r=8", "step: unstructured / frozen lower bound"} <= {
+            t["target"] for t in data["targets"] if t["scope"] == f"llama, {name} base"
+        }, scopes
+        assert f"| {variant['label']} | peft-sparse block 32x32 (r=8 count) |" in md
+
+
+def test_a_base_variant_whose_library_is_missing_is_reported_as_skipped(
+    quick_run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from torch import nn
+
+    from benchmarks.perf import bases, report
+    from benchmarks.perf.models import quick_specs
+
+    def must_not_run(model: nn.Module) -> nn.Module:
+        raise AssertionError("prepare ran although its library is missing")
+
+    variant = bases.BaseVariant("imaginary 3-bit base", must_not_run, requires=("no_such_quantizer_lib",))
+    monkeypatch.setitem(bases.BASE_VARIANTS, "imaginary", variant)
+    spec = next(s for s in quick_specs() if s.name == "llama")
+    spec = type(spec)(**{**spec.__dict__, "extra": {"base_variants": ["imaginary"]}})
+    result = bases.variant_step_times(spec, nn.Linear(2, 2), warmup=0, steps=1)
+    assert result == {"imaginary": {"label": variant.label, "skipped": "not installed: no_such_quantizer_lib"}}
+    table = "\n".join(report.variants_table({"base_variants": result}))
+    assert "| imaginary 3-bit base | skipped: not installed: no_such_quantizer_lib |" in table
+    data = json.loads((quick_run / "perf.json").read_text())
+    data["models"]["llama"]["base_variants"].update(result)
+    targets = report.evaluate_targets(data)
+    assert len(targets) == len(data["targets"]) and not [t for t in targets if "imaginary" in t["scope"]]
+
+
+def test_registering_a_base_variant_refuses_duplicates_and_unknown_methods() -> None:
+    from benchmarks.perf import bases
+
+    with pytest.raises(ValueError, match="'bnb_nf4' is already registered"):
+        bases.register_base_variant("bnb_nf4", bases.BaseVariant("again", lambda m: m))
+    with pytest.raises(ValueError, match=r"unknown methods \['dora'\]"):
+        bases.register_base_variant("new", bases.BaseVariant("new", lambda m: m, methods=("dora",)))
+    assert "new" not in bases.BASE_VARIANTS

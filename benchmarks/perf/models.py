@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -73,6 +75,52 @@ def forward_only(model: nn.Module, batch: dict[str, Any]) -> None:
 
 BERT_TARGETS = ["query", "key", "value", "dense"]  # q, k, v, attention.output.dense, intermediate.dense, output.dense
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# the other bases the Llama trains on (benchmarks/perf/bases.py): bf16, and quantized through transformers
+LLAMA_BASE_VARIANTS = ["bf16", "bnb_nf4", "bnb_int8", "torchao_int8"]
+
+
+# --- quantized bases: a saved model loaded back through transformers' quantizers (fp32 compute on CPU) ----------
+def quantization_config(kind: str) -> Any:
+    """transformers' quantization config of ``kind`` (``None`` for ``"fp32"``)."""
+    from torchao.quantization import Int8WeightOnlyConfig
+    from transformers import BitsAndBytesConfig, TorchAoConfig
+
+    fp32 = torch.float32
+    return {
+        "fp32": None,
+        "bnb_nf4": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=fp32),
+        "bnb_fp4": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_compute_dtype=fp32),
+        "bnb_int8": BitsAndBytesConfig(load_in_8bit=True),
+        "torchao_int8": TorchAoConfig(Int8WeightOnlyConfig()),
+    }[kind]
+
+
+def load_llama(path: Path, kind: str) -> nn.Module:
+    """The causal LM saved at ``path``, loaded as ``kind`` (fp32 or quantized, see :func:`quantization_config`)."""
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    config = quantization_config(kind)
+    if config is None:
+        return LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(
+        path, quantization_config=config, device_map="cpu", dtype=torch.float32
+    ).eval()
+
+
+def quantize(model: nn.Module, kind: str) -> nn.Module:
+    """``model`` (a transformers causal LM) saved to a temporary directory and loaded back as ``kind``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        return load_llama(Path(tmp), kind)
+
+
+def save_random_llama(config: dict[str, Any], path: Path, seed: int = 0) -> Path:
+    """A randomly initialised ``LlamaForCausalLM`` of ``config`` saved to ``path``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    LlamaForCausalLM(LlamaConfig(**config)).save_pretrained(path)
+    return path
 
 
 def full_specs() -> list[ModelSpec]:
@@ -109,7 +157,7 @@ def full_specs() -> list[ModelSpec]:
                 tie_word_embeddings=False,
             ),
             target_modules=LLAMA_TARGETS,
-            extra={"base_variants": ["bf16"]},
+            extra={"base_variants": LLAMA_BASE_VARIANTS},
             batch_size=4,
             seq_len=256,
             swap_seq_len=128,
@@ -151,7 +199,7 @@ def quick_specs() -> list[ModelSpec]:
                 tie_word_embeddings=False,
             ),
             target_modules=LLAMA_TARGETS,
-            extra={"base_variants": ["bf16"]},
+            extra={"base_variants": LLAMA_BASE_VARIANTS},
             batch_size=2,
             seq_len=32,
             swap_seq_len=16,

@@ -163,8 +163,8 @@ def evaluate_targets(data: dict[str, Any]) -> list[dict[str, Any]]:
         for target in MODEL_TARGETS:
             add(target, name, model)
         for variant_name, variant in model.get("base_variants", {}).items():
-            for target in VARIANT_TARGETS:
-                if all(m in variant["methods"] for m in target.paired or ()):
+            for target in VARIANT_TARGETS:  # a skipped variant (library not installed) has no methods
+                if all(m in variant.get("methods", {}) for m in target.paired or ()):
                     add(target, f"{name}, {variant_name} base", variant)
     for target in SWAP_TARGETS:
         add(target, "one square weight", data)
@@ -232,12 +232,17 @@ def model_table(model: dict[str, Any]) -> list[str]:
 
 
 def variants_table(model: dict[str, Any]) -> list[str]:
-    """Step times on the other bases (bf16, quantized), with ratios to LoRA r=8 and the lower bound there."""
+    """Step times on the other bases (bf16, quantized), with ratios to LoRA r=8 and the lower bound there; then
+    what each base's targeted weights are, and which PEFT layers the adapters used on it."""
     lines = [
         "| base | method | trainable | step CPU s | × LoRA r=8 | × lower bound | step wall s |",
         "|---|---|---:|---:|---:|---:|---:|",
     ]
+    notes = []
     for variant in model.get("base_variants", {}).values():
+        if "skipped" in variant:
+            lines.append(f"| {variant['label']} | skipped: {variant['skipped']} | | | | | |")
+            continue
         rows = variant["methods"]
         lora = rows.get("lora_r8", {}).get("step_cpu_s")
         lower = rows.get(methods.LOWER_BOUND, {}).get("step_cpu_s")
@@ -246,7 +251,10 @@ def variants_table(model: dict[str, Any]) -> list[str]:
             cells += [f"{r['step_cpu_s'] / ref:.2f}" if ref else "—" for ref in (lora, lower)]
             cells.append(f"{r['step_wall_s']:.3f}")
             lines.append("| " + " | ".join(cells) + " |")
-    return lines
+        used = {methods.LABELS[name]: r["adapter_layers"] for name, r in rows.items() if r["adapter_layers"]}
+        layers = "; ".join(f"{label}: {', '.join(kinds)}" for label, kinds in used.items())
+        notes.append(f"- {variant['label']}: targeted weights {', '.join(variant['weight_types'])}; layers: {layers}.")
+    return lines + ([""] + notes if notes else [])
 
 
 def merge_table(model: dict[str, Any]) -> list[str]:
