@@ -37,6 +37,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from . import index_cache
+
 # Tokens per slice of the sampled product on CPU (accelerators take all tokens at once).
 _TOKEN_CHUNK = 1024
 # Above this fraction of non-zeros, a transient dense ΔS + GEMM beats CSR matmuls for the delta-only op.
@@ -48,16 +50,26 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+def _csr_structure(indices: torch.Tensor, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """CSR row pointers and column indices of the sorted flat ``indices`` (cached per index tensor)."""
+
+    def build() -> tuple[torch.Tensor, torch.Tensor]:
+        rows_n, cols_n = shape
+        rows = torch.div(indices, cols_n, rounding_mode="floor")
+        cols = indices - rows * cols_n
+        bounds = torch.arange(rows_n + 1, device=indices.device, dtype=indices.dtype)
+        crow = torch.searchsorted(rows, bounds, out_int32=indices.dtype == torch.int32)
+        return crow, cols
+
+    return index_cache.cached(indices, ("csr", int(shape[0]), int(shape[1])), build)
+
+
 def _csr(indices: torch.Tensor, shape: tuple[int, int], values: torch.Tensor) -> torch.Tensor:
     """CSR tensor of ``shape`` whose non-zeros sit at the sorted flat ``indices`` (in the order of values)."""
-    rows_n, cols_n = shape
-    rows = torch.div(indices, cols_n, rounding_mode="floor")
-    cols = indices - rows * cols_n
-    bounds = torch.arange(rows_n + 1, device=indices.device, dtype=indices.dtype)
-    crow = torch.searchsorted(rows, bounds, out_int32=indices.dtype == torch.int32)
+    crow, cols = _csr_structure(indices, shape)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*[Ss]parse.*")
-        return torch.sparse_csr_tensor(crow, cols, values, (rows_n, cols_n), check_invariants=False)
+        return torch.sparse_csr_tensor(crow, cols, values, tuple(shape), check_invariants=False)
 
 
 def sampled_product(
@@ -77,14 +89,16 @@ def sampled_product(
     dtype = compute_dtype(torch.promote_types(rows_op.dtype, cols_op.dtype))
     if nnz == 0 or tokens == 0:
         return torch.zeros(nnz, dtype=out_dtype, device=rows_op.device)
+    # beta=0 still reads the pattern's values (0 * NaN is NaN), so they must be zeros, not uninitialised memory.
     pattern = _csr(indices, shape, torch.zeros(nnz, dtype=dtype, device=rows_op.device))
     chunk = _TOKEN_CHUNK if rows_op.device.type == "cpu" else tokens
-    total = torch.zeros(nnz, dtype=dtype, device=rows_op.device)
+    total = None
     for start in range(0, tokens, chunk):
-        # The kernel wants both operands token-contiguous: (R, t) on the left, (t, C) with unit token stride.
-        left = rows_op[start : start + chunk].to(dtype).T.contiguous()
-        right = cols_op[start : start + chunk].to(dtype).T.contiguous().T
-        total += torch.sparse.sampled_addmm(pattern, left, right, beta=0.0, alpha=scaling).values()
+        # The kernel makes both operands token-contiguous itself: (R, t) on the left and, transposed, (C, t).
+        left = rows_op[start : start + chunk].to(dtype).T
+        right = cols_op[start : start + chunk].to(dtype)
+        part = torch.sparse.sampled_addmm(pattern, left, right, beta=0.0, alpha=scaling).values()
+        total = part if total is None else total.add_(part)
     return total.to(out_dtype)
 
 

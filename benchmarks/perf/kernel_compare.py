@@ -1,0 +1,163 @@
+"""``python -m benchmarks.perf.kernel_compare [--baseline REF]``: one adapted projection, fwd + bwd, side by side.
+
+Times the training-step work of one adapted linear layer (forward, then backward to ``x`` and the trainable
+parameters) for: this tree's kernels (the registered custom ops), the kernels of git ref ``--baseline``
+(default ``main``, loaded from ``git show`` into a temporary package and wrapped in an ``autograd.Function``),
+a LoRA layer at the same budget, and the frozen layer (gradient for ``x`` only: the lower bound). All variants
+run in one process in interleaved rounds and the medians are reported, so a busy machine slows them alike;
+compare ratios, not absolute numbers. Shapes: SmolLM2-135M (hidden 576, GQA k/v 192x576, mlp 1536, 8x100
+tokens) and the Llama model of ``benchmarks/perf/models.py`` (hidden 1024, k/v 256x1024, mlp 2816, 4x256 tokens).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+
+from peft_sparse import masks
+from peft_sparse.ops import block_sparse_linear, sparse_linear
+
+# (name, storage shape (out, in), tokens) per model.
+SHAPES = {
+    "smollm2": [("q/o", (576, 576)), ("k/v", (192, 576)), ("up/gate", (1536, 576)), ("down", (576, 1536))],
+    "llama": [("q/o", (1024, 1024)), ("k/v", (256, 1024)), ("up/gate", (2816, 1024)), ("down", (1024, 2816))],
+}
+TOKENS = {"smollm2": 8 * 100, "llama": 4 * 256}
+# (label, LoRA rank whose budget is matched, block size or 0)
+KINDS = [("unstructured r8", 8, 0), ("unstructured r16", 16, 0), ("block-16 r16", 16, 16), ("block-32 r16", 16, 32)]
+
+
+def load_baseline(ref: str, root: Path) -> ModuleType:
+    """The ``sparse_linear`` and ``block_sparse`` modules of git ``ref`` as a temporary package ``baseline_ops``."""
+    package = Path(tempfile.mkdtemp(prefix="kernel_compare_")) / "baseline_ops"
+    package.mkdir()
+    (package / "__init__.py").write_text("from . import block_sparse, sparse_linear  # noqa: F401\n")
+    for name in ("sparse_linear", "block_sparse"):
+        text = subprocess.run(
+            ["git", "show", f"{ref}:peft_sparse/ops/{name}.py"], cwd=root, check=True, capture_output=True, text=True
+        ).stdout
+        (package / f"{name}.py").write_text(text.replace("from ..masks", "from peft_sparse.masks"))
+    sys.path.insert(0, str(package.parent))
+    return importlib.import_module("baseline_ops")
+
+
+class _Baseline(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, values, indices, block, scaling, modules):  # noqa: ANN001, ANN205
+        ctx.save_for_backward(x, weight, values, indices)
+        ctx.args = (block, scaling, modules)
+        if block:
+            return modules.block_sparse.linear_forward(x, weight, None, values, indices, block, scaling, False)
+        return modules.sparse_linear.linear_forward(x, weight, None, values, indices, scaling, False)
+
+    @staticmethod
+    def backward(ctx, g):  # noqa: ANN001, ANN205
+        x, weight, values, indices = ctx.saved_tensors
+        block, scaling, modules = ctx.args
+        if block:
+            gx, gv = modules.block_sparse.linear_backward(g, x, weight, values, indices, block, scaling, False, True, True)
+        else:
+            gx, gv = modules.sparse_linear.linear_backward(g, x, weight, values, indices, scaling, False, True, True)
+        return gx, None, gv, None, None, None, None
+
+
+def _variants(shape: tuple[int, int], tokens: int, rank: int, block: int, baseline: ModuleType) -> dict:
+    rows, cols = shape
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(rows, cols, generator=generator) / cols**0.5
+    x = torch.randn(tokens, cols, generator=generator, requires_grad=True)
+    g = torch.randn(tokens, rows, generator=generator)
+    budget = rank * (rows + cols)
+    if block:
+        grid = masks.block_grid(shape, block)
+        indices = masks.random_indices(grid[0] * grid[1], max(1, budget // (block * block)), 0)
+        values = (torch.randn(indices.numel() * block * block, generator=generator) * 1e-2).requires_grad_()
+    else:
+        indices = masks.random_indices(rows * cols, budget, 0)
+        values = (torch.randn(indices.numel(), generator=generator) * 1e-2).requires_grad_()
+    lora_a = (torch.randn(rank, cols, generator=generator) * 1e-2).requires_grad_()
+    lora_b = (torch.randn(rows, rank, generator=generator) * 1e-2).requires_grad_()
+
+    def new() -> None:
+        if block:
+            out = block_sparse_linear(x, weight, None, values, indices, block, 2.0)
+        else:
+            out = sparse_linear(x, weight, None, values, indices, 2.0)
+        out.backward(g)
+
+    def old() -> None:
+        _Baseline.apply(x, weight, values, indices, block, 2.0, baseline).backward(g)
+
+    def lora() -> None:
+        (F.linear(x, weight) + 2.0 * F.linear(F.linear(x, lora_a), lora_b)).backward(g)
+
+    def frozen() -> None:
+        F.linear(x, weight).backward(g)
+
+    def check() -> None:
+        for p in (x, values):
+            p.grad = None
+        old()
+        expected = (x.grad.clone(), values.grad.clone())
+        for p in (x, values):
+            p.grad = None
+        new()
+        torch.testing.assert_close((x.grad, values.grad), expected, rtol=1e-4, atol=1e-4)
+
+    check()
+    return {"old": old, "new": new, "lora": lora, "frozen": frozen}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.perf.kernel_compare", description=__doc__)
+    parser.add_argument("--baseline", default="main", help="git ref whose kernels are the 'old' column")
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--models", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    baseline = load_baseline(args.baseline, Path(__file__).resolve().parents[2])
+    print(f"median ms of fwd+bwd over {args.rounds} interleaved rounds, {args.threads} thread(s); "
+          f"old = {args.baseline}, new = this tree")
+    print("| model | layer | kind | old | new | new/old | LoRA | new/LoRA | frozen | new/frozen |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    totals: dict[tuple[str, str], dict[str, float]] = {}
+    for model in args.models:
+        for layer, shape in SHAPES[model]:
+            for kind, rank, block in KINDS:
+                fns = _variants(shape, TOKENS[model], rank, block, baseline)
+                times: dict[str, list[float]] = {name: [] for name in fns}
+                for name, fn in fns.items():  # warm-up
+                    fn()
+                for _ in range(args.rounds):
+                    for name, fn in fns.items():
+                        began = time.perf_counter()
+                        fn()
+                        times[name].append(time.perf_counter() - began)
+                ms = {name: statistics.median(v) * 1e3 for name, v in times.items()}
+                total = totals.setdefault((model, kind), dict.fromkeys(ms, 0.0))
+                for name in ms:
+                    total[name] += ms[name]
+                print(f"| {model} | {layer} {shape[0]}x{shape[1]} | {kind} | {ms['old']:.2f} | {ms['new']:.2f} | "
+                      f"{ms['new'] / ms['old']:.2f} | {ms['lora']:.2f} | {ms['new'] / ms['lora']:.2f} | "
+                      f"{ms['frozen']:.2f} | {ms['new'] / ms['frozen']:.2f} |", flush=True)
+    print("\nsum over the four layer shapes:")
+    print("| model | kind | old | new | new/old | LoRA | old/LoRA | new/LoRA |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for (model, kind), t in totals.items():
+        print(f"| {model} | {kind} | {t['old']:.2f} | {t['new']:.2f} | {t['new'] / t['old']:.2f} | {t['lora']:.2f} | "
+              f"{t['old'] / t['lora']:.2f} | {t['new'] / t['lora']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

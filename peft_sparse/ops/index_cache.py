@@ -1,0 +1,56 @@
+"""Index structures derived from a mask (CSR row pointers and columns, block coordinates), cached per index tensor.
+
+The kernels rebuild these from the sorted flat indices on every call otherwise (a ``searchsorted`` and integer
+divisions per forward and backward). The cache is keyed on the index tensor object itself (weakly, so it dies
+with it) and remembers the tensor's version counter: ``set_mask`` / ``update_layer`` / ``.to()`` give a new
+tensor, and every in-place write (``load_state_dict`` copies into the buffer, ``copy_``) bumps the version, so a
+stale entry is never used. Living inside the kernels, the cache is invisible to ``torch.compile`` (the custom
+ops are opaque nodes) and needs no extra module state to keep in sync under FSDP / DTensor or checkpoints.
+Tensors without a version counter (inference mode) are not cached.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+from typing import TypeVar
+
+import torch
+from torch.utils.weak import WeakTensorKeyDictionary
+
+T = TypeVar("T")
+
+# indices tensor -> {key: (version, value)}
+_CACHE: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
+
+
+def _version(indices: torch.Tensor) -> int | None:
+    if indices.is_inference() or type(indices) is not torch.Tensor:
+        return None
+    return indices._version
+
+
+def cached(indices: torch.Tensor, key: Hashable, build: Callable[[], T]) -> T:
+    """``build()``, reused while ``indices`` is the same tensor at the same version (rebuilt otherwise)."""
+    version = _version(indices)
+    if version is None:
+        return build()
+    entries = _CACHE.get(indices)
+    if entries is None:
+        entries = {}
+        _CACHE[indices] = entries
+    hit = entries.get(key)
+    if hit is not None and hit[0] == version:
+        return hit[1]
+    value = build()
+    entries[key] = (version, value)
+    return value
+
+
+def clear() -> None:
+    """Drop every cached entry (tests, or to release memory at once)."""
+    _CACHE.clear()
+
+
+def cache_size() -> int:
+    """Number of index tensors with cached structures."""
+    return len(_CACHE)
