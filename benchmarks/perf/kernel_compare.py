@@ -27,10 +27,21 @@ import torch.nn.functional as F
 from peft_sparse import masks
 from peft_sparse.ops import block_sparse_linear, sparse_linear
 
-# (name, storage shape (out, in), tokens) per model.
+# (name, storage shapes (out, in) of the projections that read the same input) per model: the layers of one
+# decoder block, grouped as the model calls them (q, k, v share their input, so do gate and up).
 SHAPES = {
-    "smollm2": [("q/o", (576, 576)), ("k/v", (192, 576)), ("up/gate", (1536, 576)), ("down", (576, 1536))],
-    "llama": [("q/o", (1024, 1024)), ("k/v", (256, 1024)), ("up/gate", (2816, 1024)), ("down", (1024, 2816))],
+    "smollm2": [
+        ("q+k+v", [(576, 576), (192, 576), (192, 576)]),
+        ("o", [(576, 576)]),
+        ("gate+up", [(1536, 576), (1536, 576)]),
+        ("down", [(576, 1536)]),
+    ],
+    "llama": [
+        ("q+k+v", [(1024, 1024), (256, 1024), (256, 1024)]),
+        ("o", [(1024, 1024)]),
+        ("gate+up", [(2816, 1024), (2816, 1024)]),
+        ("down", [(1024, 2816)]),
+    ],
 }
 TOKENS = {"smollm2": 8 * 100, "llama": 4 * 256}
 # (label, LoRA rank whose budget is matched, block size or 0)
@@ -65,56 +76,65 @@ class _Baseline(torch.autograd.Function):
         x, weight, values, indices = ctx.saved_tensors
         block, scaling, modules = ctx.args
         if block:
-            gx, gv = modules.block_sparse.linear_backward(g, x, weight, values, indices, block, scaling, False, True, True)
+            gx, gv = modules.block_sparse.linear_backward(
+                g, x, weight, values, indices, block, scaling, False, True, True
+            )
         else:
             gx, gv = modules.sparse_linear.linear_backward(g, x, weight, values, indices, scaling, False, True, True)
         return gx, None, gv, None, None, None, None
 
 
-def _variants(shape: tuple[int, int], tokens: int, rank: int, block: int, baseline: ModuleType) -> dict:
-    rows, cols = shape
+def _variants(shapes: list[tuple[int, int]], tokens: int, rank: int, block: int, baseline: ModuleType) -> dict:
+    """fwd+bwd closures of the projections in ``shapes``, all reading one input ``x`` (as in the model)."""
     generator = torch.Generator().manual_seed(0)
-    weight = torch.randn(rows, cols, generator=generator) / cols**0.5
-    x = torch.randn(tokens, cols, generator=generator, requires_grad=True)
-    g = torch.randn(tokens, rows, generator=generator)
-    budget = rank * (rows + cols)
-    if block:
-        grid = masks.block_grid(shape, block)
-        indices = masks.random_indices(grid[0] * grid[1], max(1, budget // (block * block)), 0)
-        values = (torch.randn(indices.numel() * block * block, generator=generator) * 1e-2).requires_grad_()
-    else:
-        indices = masks.random_indices(rows * cols, budget, 0)
-        values = (torch.randn(indices.numel(), generator=generator) * 1e-2).requires_grad_()
-    lora_a = (torch.randn(rank, cols, generator=generator) * 1e-2).requires_grad_()
-    lora_b = (torch.randn(rows, rank, generator=generator) * 1e-2).requires_grad_()
+    x = torch.randn(tokens, shapes[0][1], generator=generator, requires_grad=True)
+    layers = []
+    for rows, cols in shapes:
+        weight = torch.randn(rows, cols, generator=generator) / cols**0.5
+        g = torch.randn(tokens, rows, generator=generator)
+        budget = rank * (rows + cols)
+        if block:
+            grid = masks.block_grid((rows, cols), block)
+            indices = masks.random_indices(grid[0] * grid[1], max(1, budget // (block * block)), 0)
+            width = block * block
+        else:
+            indices = masks.random_indices(rows * cols, budget, 0)
+            width = 1
+        values = (torch.randn(indices.numel() * width, generator=generator) * 1e-2).requires_grad_()
+        lora_a = (torch.randn(rank, cols, generator=generator) * 1e-2).requires_grad_()
+        lora_b = (torch.randn(rows, rank, generator=generator) * 1e-2).requires_grad_()
+        layers.append((weight, g, indices, values, lora_a, lora_b))
 
     def new() -> None:
-        if block:
-            out = block_sparse_linear(x, weight, None, values, indices, block, 2.0)
-        else:
-            out = sparse_linear(x, weight, None, values, indices, 2.0)
-        out.backward(g)
+        outs, grads = [], []
+        for weight, g, indices, values, _, _ in layers:
+            if block:
+                outs.append(block_sparse_linear(x, weight, None, values, indices, block, 2.0))
+            else:
+                outs.append(sparse_linear(x, weight, None, values, indices, 2.0))
+            grads.append(g)
+        torch.autograd.backward(outs, grads)
 
     def old() -> None:
-        _Baseline.apply(x, weight, values, indices, block, 2.0, baseline).backward(g)
+        outs = [_Baseline.apply(x, w, v, i, block, 2.0, baseline) for w, _, i, v, _, _ in layers]
+        torch.autograd.backward(outs, [g for _, g, *_ in layers])
 
     def lora() -> None:
-        (F.linear(x, weight) + 2.0 * F.linear(F.linear(x, lora_a), lora_b)).backward(g)
+        outs = [F.linear(x, w) + 2.0 * F.linear(F.linear(x, a), b) for w, _, _, _, a, b in layers]
+        torch.autograd.backward(outs, [g for _, g, *_ in layers])
 
     def frozen() -> None:
-        F.linear(x, weight).backward(g)
+        outs = [F.linear(x, w) for w, *_ in layers]
+        torch.autograd.backward(outs, [g for _, g, *_ in layers])
 
-    def check() -> None:
-        for p in (x, values):
+    def grads_of(fn) -> list[torch.Tensor]:  # noqa: ANN001
+        params = [x] + [layer[3] for layer in layers]
+        for p in params:
             p.grad = None
-        old()
-        expected = (x.grad.clone(), values.grad.clone())
-        for p in (x, values):
-            p.grad = None
-        new()
-        torch.testing.assert_close((x.grad, values.grad), expected, rtol=1e-4, atol=1e-4)
+        fn()
+        return [p.grad.clone() for p in params]
 
-    check()
+    torch.testing.assert_close(grads_of(new), grads_of(old), rtol=1e-4, atol=1e-4)
     return {"old": old, "new": new, "lora": lora, "frozen": frozen}
 
 
@@ -127,8 +147,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     baseline = load_baseline(args.baseline, Path(__file__).resolve().parents[2])
-    print(f"median ms of fwd+bwd over {args.rounds} interleaved rounds, {args.threads} thread(s); "
-          f"old = {args.baseline}, new = this tree")
+    print(
+        f"median ms of fwd+bwd over {args.rounds} interleaved rounds, {args.threads} thread(s); "
+        f"old = {args.baseline}, new = this tree"
+    )
     print("| model | layer | kind | old | new | new/old | LoRA | new/LoRA | frozen | new/frozen |")
     print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
     totals: dict[tuple[str, str], dict[str, float]] = {}
@@ -137,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
             for kind, rank, block in KINDS:
                 fns = _variants(shape, TOKENS[model], rank, block, baseline)
                 times: dict[str, list[float]] = {name: [] for name in fns}
-                for name, fn in fns.items():  # warm-up
+                for fn in fns.values():  # warm-up
                     fn()
                 for _ in range(args.rounds):
                     for name, fn in fns.items():
@@ -148,15 +170,21 @@ def main(argv: list[str] | None = None) -> None:
                 total = totals.setdefault((model, kind), dict.fromkeys(ms, 0.0))
                 for name in ms:
                     total[name] += ms[name]
-                print(f"| {model} | {layer} {shape[0]}x{shape[1]} | {kind} | {ms['old']:.2f} | {ms['new']:.2f} | "
-                      f"{ms['new'] / ms['old']:.2f} | {ms['lora']:.2f} | {ms['new'] / ms['lora']:.2f} | "
-                      f"{ms['frozen']:.2f} | {ms['new'] / ms['frozen']:.2f} |", flush=True)
-    print("\nsum over the four layer shapes:")
+                dims = ", ".join(f"{r}x{c}" for r, c in shape)
+                print(
+                    f"| {model} | {layer} ({dims}) | {kind} | {ms['old']:.2f} | {ms['new']:.2f} | "
+                    f"{ms['new'] / ms['old']:.2f} | {ms['lora']:.2f} | {ms['new'] / ms['lora']:.2f} | "
+                    f"{ms['frozen']:.2f} | {ms['new'] / ms['frozen']:.2f} |",
+                    flush=True,
+                )
+    print("\nsum over one decoder block (the rows above):")
     print("| model | kind | old | new | new/old | LoRA | old/LoRA | new/LoRA |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for (model, kind), t in totals.items():
-        print(f"| {model} | {kind} | {t['old']:.2f} | {t['new']:.2f} | {t['new'] / t['old']:.2f} | {t['lora']:.2f} | "
-              f"{t['old'] / t['lora']:.2f} | {t['new'] / t['lora']:.2f} |")
+        print(
+            f"| {model} | {kind} | {t['old']:.2f} | {t['new']:.2f} | {t['new'] / t['old']:.2f} | {t['lora']:.2f} | "
+            f"{t['old'] / t['lora']:.2f} | {t['new'] / t['lora']:.2f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -72,6 +72,15 @@ def _csr(indices: torch.Tensor, shape: tuple[int, int], values: torch.Tensor) ->
         return torch.sparse_csr_tensor(crow, cols, values, tuple(shape), check_invariants=False)
 
 
+def token_major(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` flattened to ``(tokens, features)``, as a contiguous ``(features, tokens)`` matrix in ``dtype``.
+
+    The layout the sampled kernel reads. Cached on ``t`` while it is alive and unchanged: the q/k/v (and gate/up)
+    projections of a block share their input, so their backwards transpose it once instead of once each.
+    """
+    return index_cache.cached(t, ("token_major", dtype), lambda: t.reshape(-1, t.shape[-1]).to(dtype).T.contiguous())
+
+
 def sampled_product(
     rows_op: torch.Tensor,
     cols_op: torch.Tensor,
@@ -79,10 +88,13 @@ def sampled_product(
     shape: tuple[int, int],
     scaling: float,
     out_dtype: torch.dtype,
+    shared: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``scaling * (rows_op^T @ cols_op)`` read only at the flat ``indices`` of a ``shape`` matrix.
 
     ``rows_op`` is ``(T, R)``, ``cols_op`` is ``(T, C)``; the result has one entry per index, in index order.
+    ``shared`` (optional) is the tensor ``cols_op`` was flattened from, whose token-major copy other layers may
+    reuse (see :func:`token_major`).
     """
     nnz = indices.numel()
     tokens = rows_op.shape[0]
@@ -92,9 +104,14 @@ def sampled_product(
     # beta=0 still reads the pattern's values (0 * NaN is NaN), so they must be zeros, not uninitialised memory.
     pattern = _csr(indices, shape, torch.zeros(nnz, dtype=dtype, device=rows_op.device))
     chunk = _TOKEN_CHUNK if rows_op.device.type == "cpu" else tokens
+    if tokens <= chunk and shared is not None:
+        # The kernel wants both operands token-contiguous: (R, T) on the left, (T, C) with unit token stride.
+        right = token_major(shared, dtype).T
+        left = rows_op.to(dtype).T.contiguous()
+        return torch.sparse.sampled_addmm(pattern, left, right, beta=0.0, alpha=scaling).values().to(out_dtype)
     total = None
     for start in range(0, tokens, chunk):
-        # The kernel makes both operands token-contiguous itself: (R, t) on the left and, transposed, (C, t).
+        # The kernel makes both operands token-contiguous itself.
         left = rows_op[start : start + chunk].to(dtype).T
         right = cols_op[start : start + chunk].to(dtype)
         part = torch.sparse.sampled_addmm(pattern, left, right, beta=0.0, alpha=scaling).values()
@@ -166,7 +183,8 @@ def linear_backward(
     if need_values:
         x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
         rows_op, cols_op = grad_operands(x2, g2, transposed)
-        grad_values = sampled_product(rows_op, cols_op, indices, tuple(weight.shape), scaling, values.dtype)
+        shared = None if transposed else x
+        grad_values = sampled_product(rows_op, cols_op, indices, tuple(weight.shape), scaling, values.dtype, shared)
     return grad_x, grad_values
 
 
@@ -237,5 +255,6 @@ def delta_backward(
         grad_x = grad_x.to(x.dtype).reshape(x.shape)
     if need_values:
         rows_op, cols_op = grad_operands(x.reshape(-1, x.shape[-1]), g2, transposed)
-        grad_values = sampled_product(rows_op, cols_op, indices, shape, scaling, values.dtype)
+        shared = None if transposed else x
+        grad_values = sampled_product(rows_op, cols_op, indices, shape, scaling, values.dtype, shared)
     return grad_x, grad_values
