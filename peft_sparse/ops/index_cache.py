@@ -1,12 +1,14 @@
-"""Index structures derived from a mask (CSR row pointers and columns, block coordinates), cached per index tensor.
+"""Structures derived from a tensor, cached weakly on it: CSR row pointers and columns or block slot positions
+of a mask (the index tensor), and the token-major copy of a layer input that q/k/v (or gate/up) share.
 
-The kernels rebuild these from the sorted flat indices on every call otherwise (a ``searchsorted`` and integer
-divisions per forward and backward). The cache is keyed on the index tensor object itself (weakly, so it dies
-with it) and remembers the tensor's version counter: ``set_mask`` / ``update_layer`` / ``.to()`` give a new
-tensor, and every in-place write (``load_state_dict`` copies into the buffer, ``copy_``) bumps the version, so a
-stale entry is never used. Living inside the kernels, the cache is invisible to ``torch.compile`` (the custom
-ops are opaque nodes) and needs no extra module state to keep in sync under FSDP / DTensor or checkpoints.
-Tensors without a version counter (inference mode) are not cached.
+Without it the kernels rebuild these on every call (a ``searchsorted`` and integer divisions per forward and
+backward, one transposed copy of the shared input per projection). The cache is keyed on the tensor object
+itself (weakly, so an entry dies with its tensor) and remembers the tensor's version counter: ``set_mask`` /
+``update_layer`` / ``.to()`` give a new tensor, and every in-place write (``load_state_dict`` copies into the
+buffer, ``copy_``) bumps the version, so a stale entry is never used. Living inside the kernels, the cache is
+invisible to ``torch.compile`` (the custom ops are opaque nodes) and needs no extra module state to keep in
+sync under FSDP / DTensor or in checkpoints. Tensors without a version counter (inference mode) and tensor
+subclasses are not cached.
 """
 
 from __future__ import annotations
