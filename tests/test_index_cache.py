@@ -200,3 +200,25 @@ def test_compiled_steps_do_not_recompile_and_see_mask_writes(block_size) -> None
     fresh = _fresh_copy(model, block_size)
     torch.testing.assert_close(_value_grads(compiled, batches[0]), _value_grads(fresh, batches[0]))
     torch._dynamo.reset()
+
+
+# --- the token-major copy of a shared input (q/k/v read the same x) ----------------------------------------------
+@pytest.mark.parametrize("dtype", [F64, torch.bfloat16], ids=["f64", "bf16"])
+def test_projections_sharing_an_input_get_exact_value_gradients(dtype) -> None:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 6, SHAPE[1], generator=generator, dtype=F64).to(dtype).requires_grad_()
+    outs, grads, params = [], [], []
+    for rows, seed in ((SHAPE[0], 0), (SHAPE[0] // 2, 1), (SHAPE[0] // 2, 2)):  # like q, k, v
+        weight = torch.randn(rows, SHAPE[1], generator=generator, dtype=F64)
+        indices = _random_indices(rows * SHAPE[1], 50, seed)
+        values = torch.randn(50, generator=generator, dtype=F64).requires_grad_()
+        outs.append(sparse_linear(x, weight, None, values, indices, 0.5))
+        grads.append(torch.randn(outs[-1].shape, generator=generator, dtype=F64).to(outs[-1].dtype))
+        params.append((weight, indices, values))
+    torch.autograd.backward(outs, grads)
+    x_ref = x.detach().double()
+    for (_weight, indices, values), g in zip(params, grads, strict=True):
+        # dense reference: d loss / d ΔW = g^T x (scaled), read at the mask
+        want = 0.5 * (g.double().reshape(-1, g.shape[-1]).T @ x_ref.reshape(-1, SHAPE[1])).reshape(-1)[indices.long()]
+        tol = 1e-10 if dtype == F64 else 2e-2
+        torch.testing.assert_close(values.grad, want, rtol=tol, atol=tol)
