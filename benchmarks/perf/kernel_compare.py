@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import statistics
 import subprocess
 import sys
@@ -48,16 +49,22 @@ TOKENS = {"smollm2": 8 * 100, "llama": 4 * 256}
 KINDS = [("unstructured r8", 8, 0), ("unstructured r16", 16, 0), ("block-16 r16", 16, 16), ("block-32 r16", 16, 32)]
 
 
+def _git(root: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=root, check=True, capture_output=True, text=True).stdout
+
+
 def load_baseline(ref: str, root: Path) -> ModuleType:
-    """The ``sparse_linear`` and ``block_sparse`` modules of git ``ref`` as a temporary package ``baseline_ops``."""
+    """The kernel modules of git ``ref`` (``peft_sparse/ops`` without the op registration) as a temporary package
+    ``baseline_ops`` with ``sparse_linear`` and ``block_sparse`` attributes."""
     package = Path(tempfile.mkdtemp(prefix="kernel_compare_")) / "baseline_ops"
     package.mkdir()
+    for name in _git(root, "ls-tree", "--name-only", f"{ref}:peft_sparse/ops").split():
+        if name.endswith(".py") and name not in ("__init__.py", "registered.py"):
+            text = _git(root, "show", f"{ref}:peft_sparse/ops/{name}")
+            (package / name).write_text(re.sub(r"from \.\.(\w+)", r"from peft_sparse.\1", text))
     (package / "__init__.py").write_text("from . import block_sparse, sparse_linear  # noqa: F401\n")
-    for name in ("sparse_linear", "block_sparse"):
-        text = subprocess.run(
-            ["git", "show", f"{ref}:peft_sparse/ops/{name}.py"], cwd=root, check=True, capture_output=True, text=True
-        ).stdout
-        (package / f"{name}.py").write_text(text.replace("from ..masks", "from peft_sparse.masks"))
+    for loaded in [m for m in sys.modules if m == "baseline_ops" or m.startswith("baseline_ops.")]:
+        del sys.modules[loaded]  # a previous load of another ref
     sys.path.insert(0, str(package.parent))
     return importlib.import_module("baseline_ops")
 
