@@ -260,3 +260,25 @@ def test_generate_needs_the_causal_scorer_and_sizes_are_checked():
     for bad in (["--generate", "-1"], ["--batch-size", "0"]):
         with pytest.raises(SystemExit, match="at least"):
             main(["--causal", "--smoke", *bad])
+
+
+def test_step_cost_times_baseline_kernels_side_by_side(tasks_dir, tmp_path, monkeypatch):
+    from benchmarks.quality import step_cost
+    from peft_sparse.ops import registered
+
+    seen = []
+    real_measure_step = step_cost._step
+
+    def recording_step(model, optimizer, scorer, batch):
+        seen.append(registered._flat.__name__)
+        return real_measure_step(model, optimizer, scorer, batch)
+
+    monkeypatch.setattr(step_cost, "_step", recording_step)
+    args = ["--model", "tiny-llama", "--tasks-dir", str(tasks_dir), "--task", "plain", "--steps", "2"]
+    args += ["--batch-size", "2", "--methods", "lora", "sparse-gradient", "--out", str(tmp_path), "--threads", "1"]
+    assert step_cost.main(args + ["--no-memory", "--baseline-kernels", "HEAD"]) == 0
+    result = json.loads((tmp_path / "quality_causal_step_cost.json").read_text())["results"]
+    assert list(result) == ["lora", "sparse-gradient", "sparse-gradient @HEAD kernels"]
+    # round robin: lora, sparse (this tree's kernels), sparse (HEAD's kernels loaded from git), per batch
+    assert seen == ["peft_sparse.ops.sparse_linear", "peft_sparse.ops.sparse_linear", "baseline_ops.sparse_linear"] * 2
+    assert registered._flat.__name__ == "peft_sparse.ops.sparse_linear"  # restored

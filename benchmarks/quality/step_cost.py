@@ -11,6 +11,7 @@ operators of one step per method (torch.profiler), to see where a slower method 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shlex
 import statistics
@@ -19,6 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -47,6 +49,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--profile", action="store_true", help="top operators of one step per method")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-method memory processes")
     parser.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)  # child process: one method's memory
+    parser.add_argument(
+        "--baseline-kernels",
+        default=None,
+        metavar="REF",
+        help="also time every sparse method with the kernels of git ref REF (same model, same process, round robin)",
+    )
     parser.add_argument("--cache-dir", default="cache/quality")
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--prefix", default="quality_causal_step_cost")
@@ -115,20 +123,52 @@ def memory_in_fresh_processes(args: argparse.Namespace, batches: list) -> dict[s
     return result
 
 
-def measure(base, scorer, method_names: list[str], batches: list, rank: int, seed: int, profile: bool) -> dict:
-    """Round-robin training steps of every method on the same batches: times, memory, optional profile."""
+@contextlib.contextmanager
+def _kernels(baseline: ModuleType | None):
+    """Run the registered custom ops on the kernel modules of ``baseline`` (None: this tree's) inside the block."""
+    if baseline is None:
+        yield
+        return
+    from peft_sparse.ops import registered
+
+    saved = registered._flat, registered._block
+    registered._flat, registered._block = baseline.sparse_linear, baseline.block_sparse
+    try:
+        yield
+    finally:
+        registered._flat, registered._block = saved
+
+
+def measure(
+    base,
+    scorer,
+    method_names: list[str],
+    batches: list,
+    rank: int,
+    seed: int,
+    profile: bool,
+    baseline: tuple[str, ModuleType] | None = None,
+) -> dict:
+    """Round-robin training steps of every method on the same batches: times, memory, optional profile.
+
+    With ``baseline`` (ref, kernel modules), every sparse method also takes each step on those kernels (a row
+    ``NAME @REF kernels`` sharing the method's model), so old and new kernels are timed side by side.
+    """
     runs = {}
     for name in method_names:
         model, optimizer = _build(base, scorer, name, batches, rank, seed)
-        runs[name] = (model, optimizer, trainable_count(model))
-    times: dict[str, list[float]] = {name: [] for name in method_names}
+        runs[name] = (model, optimizer, trainable_count(model), None)
+        if baseline is not None and parse_method(name).kind == "sparse":
+            runs[f"{name} @{baseline[0]} kernels"] = (model, optimizer, runs[name][2], baseline[1])
+    times: dict[str, list[float]] = {name: [] for name in runs}
     for step, batch in enumerate(batches):
-        for name, (model, optimizer, _) in runs.items():
-            seconds = _step(model, optimizer, scorer, batch)
+        for name, (model, optimizer, _, kernels) in runs.items():
+            with _kernels(kernels):
+                seconds = _step(model, optimizer, scorer, batch)
             if step:
                 times[name].append(seconds)
     result = {}
-    for name, (model, optimizer, params) in runs.items():
+    for name, (model, optimizer, params, kernels) in runs.items():
         result[name] = {
             "trainable_params": params,
             "median_s": statistics.median(times[name]),
@@ -136,7 +176,8 @@ def measure(base, scorer, method_names: list[str], batches: list, rank: int, see
             "steps_s": times[name],
         }
         if profile:
-            result[name]["top_operators"] = _top_operators(model, optimizer, scorer, batches[0])
+            with _kernels(kernels):
+                result[name]["top_operators"] = _top_operators(model, optimizer, scorer, batches[0])
     return result
 
 
@@ -196,7 +237,12 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"method": args.memory_of, "peak_extra_mb": peak}))
         return 0
     tokens = [int(scorer.features(b).attention_mask.sum(1).float().mean()) for b in batches]
-    result = measure(base, scorer, args.methods, batches, args.rank, args.seed, args.profile)
+    baseline = None
+    if args.baseline_kernels:
+        from benchmarks.perf.kernel_compare import load_baseline
+
+        baseline = (args.baseline_kernels, load_baseline(args.baseline_kernels, Path(__file__).resolve().parents[2]))
+    result = measure(base, scorer, args.methods, batches, args.rank, args.seed, args.profile, baseline)
     if not args.no_memory:
         for name, peak in memory_in_fresh_processes(args, batches).items():
             result[name]["peak_extra_mb"] = peak

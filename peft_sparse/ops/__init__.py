@@ -1,5 +1,6 @@
 """Sparse adapter kernels (unstructured and block) registered as torch custom ops, and plain reference versions."""
 
+from . import index_cache
 from .block_sparse import block_entry_indices
 from .reference import (
     block_sparse_delta_reference,
@@ -19,6 +20,7 @@ __all__ = [
     "block_sparse_linear_reference",
     "dense_block_delta",
     "dense_delta",
+    "index_cache",
     "sparse_delta",
     "sparse_delta_reference",
     "sparse_linear",

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..masks import block_entry_positions, block_grid
+from ..masks import block_entry_positions, block_grid, index_dtype
+from . import index_cache
 from .sparse_linear import apply_delta, dense_grad_x, grad_operands, sampled_product
 
 # Upper bound on the elements of one gathered operand slice (bounds the transient memory of the bmm paths).
@@ -65,21 +66,35 @@ def _scatter_blocks(
         flat[:numel].copy_(base.detach().reshape(-1))
         flat[numel] = 0
     if block_indices.numel():
+        flat.index_add_(0, _slot_positions(block_indices, block_size, shape), values.detach().to(dtype), alpha=scaling)
+    return flat[:numel].view(shape)
+
+
+def _slot_positions(block_indices: torch.Tensor, block_size: int, shape: tuple[int, int]) -> torch.Tensor:
+    """Flat position of every value slot, ``R * C`` (one spare slot) for padding; cached per index tensor."""
+
+    def build() -> torch.Tensor:
+        numel = shape[0] * shape[1]
         positions, valid = block_entry_indices(block_indices, block_size, shape)
         positions = torch.where(valid, positions, torch.full_like(positions, numel))
-        flat.index_add_(0, positions, values.detach().to(dtype), alpha=scaling)
-    return flat[:numel].view(shape)
+        return positions.to(index_dtype(numel + 1))
+
+    return index_cache.cached(block_indices, ("slots", block_size, int(shape[0]), int(shape[1])), build)
 
 
 def _sorted_entries(
     block_indices: torch.Tensor, block_size: int, shape: tuple[int, int]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Value slots of the real entries in flat-position order, and those sorted flat positions."""
-    numel = shape[0] * shape[1]
-    flat, valid = block_entry_indices(block_indices, block_size, shape)
-    keys, order = torch.sort(torch.where(valid, flat, torch.full_like(flat, numel)))
-    real = int(valid.sum())
-    return order[:real], keys[:real]
+    """Value slots of the real entries in flat-position order, and those sorted flat positions (cached)."""
+
+    def build() -> tuple[torch.Tensor, torch.Tensor]:
+        numel = shape[0] * shape[1]
+        flat, valid = block_entry_indices(block_indices, block_size, shape)
+        keys, order = torch.sort(torch.where(valid, flat, torch.full_like(flat, numel)))
+        real = int(valid.sum())
+        return order[:real], keys[:real]
+
+    return index_cache.cached(block_indices, ("sorted", block_size, int(shape[0]), int(shape[1])), build)
 
 
 def _padded_blocks(t2: torch.Tensor, block_size: int, n_blocks: int) -> torch.Tensor:

@@ -37,6 +37,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from . import index_cache
+
 # Tokens per slice of the sampled product on CPU (accelerators take all tokens at once).
 _TOKEN_CHUNK = 1024
 # Above this fraction of non-zeros, a transient dense ΔS + GEMM beats CSR matmuls for the delta-only op.
@@ -48,16 +50,35 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+def _csr_structure(indices: torch.Tensor, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """CSR row pointers and column indices of the sorted flat ``indices`` (cached per index tensor)."""
+
+    def build() -> tuple[torch.Tensor, torch.Tensor]:
+        rows_n, cols_n = shape
+        rows = torch.div(indices, cols_n, rounding_mode="floor")
+        cols = indices - rows * cols_n
+        bounds = torch.arange(rows_n + 1, device=indices.device, dtype=indices.dtype)
+        crow = torch.searchsorted(rows, bounds, out_int32=indices.dtype == torch.int32)
+        return crow, cols
+
+    return index_cache.cached(indices, ("csr", int(shape[0]), int(shape[1])), build)
+
+
 def _csr(indices: torch.Tensor, shape: tuple[int, int], values: torch.Tensor) -> torch.Tensor:
     """CSR tensor of ``shape`` whose non-zeros sit at the sorted flat ``indices`` (in the order of values)."""
-    rows_n, cols_n = shape
-    rows = torch.div(indices, cols_n, rounding_mode="floor")
-    cols = indices - rows * cols_n
-    bounds = torch.arange(rows_n + 1, device=indices.device, dtype=indices.dtype)
-    crow = torch.searchsorted(rows, bounds, out_int32=indices.dtype == torch.int32)
+    crow, cols = _csr_structure(indices, shape)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*[Ss]parse.*")
-        return torch.sparse_csr_tensor(crow, cols, values, (rows_n, cols_n), check_invariants=False)
+        return torch.sparse_csr_tensor(crow, cols, values, tuple(shape), check_invariants=False)
+
+
+def token_major(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` flattened to ``(tokens, features)``, as a contiguous ``(features, tokens)`` matrix in ``dtype``.
+
+    The layout the sampled kernel reads. Cached on ``t`` while it is alive and unchanged: the q/k/v (and gate/up)
+    projections of a block share their input, so their backwards transpose it once instead of once each.
+    """
+    return index_cache.cached(t, ("token_major", dtype), lambda: t.reshape(-1, t.shape[-1]).to(dtype).T.contiguous())
 
 
 def sampled_product(
@@ -67,24 +88,34 @@ def sampled_product(
     shape: tuple[int, int],
     scaling: float,
     out_dtype: torch.dtype,
+    shared: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``scaling * (rows_op^T @ cols_op)`` read only at the flat ``indices`` of a ``shape`` matrix.
 
     ``rows_op`` is ``(T, R)``, ``cols_op`` is ``(T, C)``; the result has one entry per index, in index order.
+    ``shared`` (optional) is the tensor ``cols_op`` was flattened from, whose token-major copy other layers may
+    reuse (see :func:`token_major`).
     """
     nnz = indices.numel()
     tokens = rows_op.shape[0]
     dtype = compute_dtype(torch.promote_types(rows_op.dtype, cols_op.dtype))
     if nnz == 0 or tokens == 0:
         return torch.zeros(nnz, dtype=out_dtype, device=rows_op.device)
+    # beta=0 still reads the pattern's values (0 * NaN is NaN), so they must be zeros, not uninitialised memory.
     pattern = _csr(indices, shape, torch.zeros(nnz, dtype=dtype, device=rows_op.device))
     chunk = _TOKEN_CHUNK if rows_op.device.type == "cpu" else tokens
-    total = torch.zeros(nnz, dtype=dtype, device=rows_op.device)
+    if tokens <= chunk and shared is not None:
+        # The kernel wants both operands token-contiguous: (R, T) on the left, (T, C) with unit token stride.
+        right = token_major(shared, dtype).T
+        left = rows_op.to(dtype).T.contiguous()
+        return torch.sparse.sampled_addmm(pattern, left, right, beta=0.0, alpha=scaling).values().to(out_dtype)
+    total = None
     for start in range(0, tokens, chunk):
-        # The kernel wants both operands token-contiguous: (R, t) on the left, (t, C) with unit token stride.
-        left = rows_op[start : start + chunk].to(dtype).T.contiguous()
-        right = cols_op[start : start + chunk].to(dtype).T.contiguous().T
-        total += torch.sparse.sampled_addmm(pattern, left, right, beta=0.0, alpha=scaling).values()
+        # The kernel makes both operands token-contiguous itself.
+        left = rows_op[start : start + chunk].to(dtype).T
+        right = cols_op[start : start + chunk].to(dtype)
+        part = torch.sparse.sampled_addmm(pattern, left, right, beta=0.0, alpha=scaling).values()
+        total = part if total is None else total.add_(part)
     return total.to(out_dtype)
 
 
@@ -152,7 +183,8 @@ def linear_backward(
     if need_values:
         x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
         rows_op, cols_op = grad_operands(x2, g2, transposed)
-        grad_values = sampled_product(rows_op, cols_op, indices, tuple(weight.shape), scaling, values.dtype)
+        shared = None if transposed else x
+        grad_values = sampled_product(rows_op, cols_op, indices, tuple(weight.shape), scaling, values.dtype, shared)
     return grad_x, grad_values
 
 
@@ -223,5 +255,6 @@ def delta_backward(
         grad_x = grad_x.to(x.dtype).reshape(x.shape)
     if need_values:
         rows_op, cols_op = grad_operands(x.reshape(-1, x.shape[-1]), g2, transposed)
-        grad_values = sampled_product(rows_op, cols_op, indices, shape, scaling, values.dtype)
+        shared = None if transposed else x
+        grad_values = sampled_product(rows_op, cols_op, indices, shape, scaling, values.dtype, shared)
     return grad_x, grad_values
