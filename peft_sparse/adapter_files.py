@@ -189,6 +189,23 @@ class SparseAdapterFile:
         self.close()
 
 
+def check_same_targets(adapters: Sequence[SparseAdapterFile]) -> None:
+    """Raise ``AdapterFormatError`` unless all adapters have the same layers and weight shapes."""
+    if not adapters:
+        raise AdapterFormatError("no adapters given")
+    first = adapters[0]
+    for other in adapters[1:]:
+        if other.layer_names != first.layer_names:
+            diff = sorted(set(other.layer_names) ^ set(first.layer_names))[:5]
+            raise AdapterFormatError(f"target layers differ between {first.path} and {other.path}: {diff}")
+        for layer in first.layer_names:
+            if other.shape(layer) != first.shape(layer):
+                raise AdapterFormatError(
+                    f"weight_shapes[{layer!r}] differs: {first.path} has {list(first.shape(layer))}, "
+                    f"{other.path} has {list(other.shape(layer))}"
+                )
+
+
 def check_compatible(adapters: Sequence[SparseAdapterFile], allow_extra_keys: bool = False) -> None:
     """Raise ``AdapterFormatError`` unless all adapters have the same layers, weight shapes and block size."""
     if not adapters:
@@ -199,15 +216,7 @@ def check_compatible(adapters: Sequence[SparseAdapterFile], allow_extra_keys: bo
             raise AdapterFormatError(
                 f"block_size differs: {first.path} has {first.block_size}, {other.path} has {other.block_size}"
             )
-        if other.layer_names != first.layer_names:
-            diff = sorted(set(other.layer_names) ^ set(first.layer_names))[:5]
-            raise AdapterFormatError(f"target layers differ between {first.path} and {other.path}: {diff}")
-        for layer in first.layer_names:
-            if other.shape(layer) != first.shape(layer):
-                raise AdapterFormatError(
-                    f"weight_shapes[{layer!r}] differs: {first.path} has {list(first.shape(layer))}, "
-                    f"{other.path} has {list(other.shape(layer))}"
-                )
+    check_same_targets(adapters)
     if allow_extra_keys:
         return
     for adapter in adapters:

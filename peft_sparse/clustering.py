@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from . import adapter_files, merging
-from .adapter_files import AdapterFormatError, SparseAdapterFile
+from .adapter_files import SparseAdapterFile
 from .files import atomic_write_bytes
 from .library import ExpertLibrary, check_expert_name
 from .similarity import cosine_from_gram, entry_positions, sparse_gram, top_fraction_threshold
@@ -88,21 +88,6 @@ def _resolve_experts(
     return labels, dirs, None
 
 
-def _check_same_targets(adapters: Sequence[SparseAdapterFile]) -> None:
-    """Same layers and weight shapes (block sizes may differ: similarities work on entries)."""
-    first = adapters[0]
-    for other in adapters[1:]:
-        if other.layer_names != first.layer_names:
-            diff = sorted(set(other.layer_names) ^ set(first.layer_names))[:5]
-            raise AdapterFormatError(f"target layers differ between {first.path} and {other.path}: {diff}")
-        for layer in first.layer_names:
-            if other.shape(layer) != first.shape(layer):
-                raise AdapterFormatError(
-                    f"weight_shapes[{layer!r}] differs: {first.path} has {list(first.shape(layer))}, "
-                    f"{other.path} has {list(other.shape(layer))}"
-                )
-
-
 def _layer_entries(adapter: SparseAdapterFile, layer: str) -> tuple[torch.Tensor, torch.Tensor]:
     indices, values = adapter.read_layer(layer)
     return entry_positions(indices, values, adapter.shape(layer), adapter.block_size)
@@ -118,7 +103,7 @@ def expert_similarity(
     """
     from tqdm.auto import tqdm
 
-    _check_same_targets(adapters)
+    adapter_files.check_same_targets(adapters)
     layers = adapters[0].layer_names
     thresholds = [0.0] * len(adapters)
     if sparsify_top is not None:
@@ -276,7 +261,7 @@ def cluster_experts(
 
     with ExitStack() as stack:
         adapters = [stack.enter_context(SparseAdapterFile(d)) for d in dirs]
-        _check_same_targets(adapters)
+        adapter_files.check_same_targets(adapters)
         if merge:
             adapter_files.check_compatible(adapters)
 
