@@ -210,6 +210,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="METHOD=RATE",
         help="fix a method's (or method kind's) learning rate instead of searching, e.g. --lr lora-mlp=3e-3",
     )
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="also evaluate Arrow routing (sparse and PEFT LoRA, with/without GenKnowSub) and MBC clustering of the"
+        " held-in experts (benchmarks/quality/reuse.py)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default="benchmarks/results")
@@ -304,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         max_eval=args.max_eval or preset["max_eval"],
         merge_sizes=preset["merge_sizes"],
         calibration_batches=preset.get("calibration_batches", 8),
+        reuse=args.reuse,
     )
     started = time.time()
     base, scorer, model_key, model_label = load_scorer(args, preset_name, preset, tasks)
@@ -326,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": round(time.time() - started, 1),
         "experts_trained_by_this_command": results.pop("experts_trained"),
         "preset": preset_name,
+        "reuse": settings.reuse,
     }
     stem = "quality_causal" if args.causal else "quality"
     prefix = args.prefix or (stem if preset_name == "full" else f"{stem}_{preset_name}")
