@@ -78,9 +78,7 @@ def arrow_strategies(method: Method, num_experts: int) -> list[ArrowStrategy]:
     ]
 
 
-def build_arrow(
-    base: nn.Module, method: Method, dirs: list[str], top_k: int, use_gks: bool, seed: int
-) -> nn.Module:
+def build_arrow(base: nn.Module, method: Method, dirs: list[str], top_k: int, use_gks: bool, seed: int) -> nn.Module:
     """A routed copy of ``base``: peft-sparse Arrow for sparse experts, PEFT's LoRA Arrow for LoRA experts.
 
     With ``use_gks`` the general experts are ``dirs`` themselves (see the module docstring).
@@ -145,7 +143,9 @@ def evaluate_reuse(harness, method: Method, dirs: list[str], lr: float) -> tuple
     for k in mbc_sizes(len(dirs)):
         out_dir = cache.root / "mbc" / f"{method.name}-k{k}-{_digest([relative, k, s.seed, REUSE_VERSION])}"
         info = cluster_once(dirs, k, out_dir, s.seed)
-        groups = [[s.held_in[i] for i, c in enumerate(info["labels"]) if c == cid] for cid in range(len(info["merged_dirs"]))]
+        groups = [
+            [s.held_in[i] for i, c in enumerate(info["labels"]) if c == cid] for cid in range(len(info["merged_dirs"]))
+        ]
         clusters[f"{method.name}:mbc{k}"] = {
             "k": k,
             "clusters": groups,
