@@ -9,6 +9,10 @@ encoder path works with ``--model``; user tasks come from a directory of JSONL f
 (``--model smollm2``), ``--model tiny-llama`` (a 2-layer test model, the default of ``--causal --smoke``) or any
 Hugging Face causal-LM path with a chat template. Tasks become chat prompts, training is answer-only SFT, scores
 are log-likelihood accuracy plus greedy-generation exact match and Rouge-L (``benchmarks/quality/causal_scorer.py``).
+
+``--reuse`` (any preset, encoder or ``--causal``) also reuses each method's held-in experts without one merge:
+Arrow routing (peft-sparse's over sparse experts, PEFT's over LoRA experts; top_k 1/2/4, with and without
+GenKnowSub) and MBC clusters (``benchmarks/quality/reuse.py``); the report gains a reuse table, plot and bars.
 """
 
 from __future__ import annotations
