@@ -219,6 +219,40 @@ def reuse_claims(results: dict, held_in: list[str], held_out: list[str], overhea
     return rows
 
 
+def _overhead_table(overhead: tuple[Path, dict] | None) -> list[str]:
+    """Routed / merged forward time at 4, 8 and 16 experts, as measured by the routing-overhead benchmark."""
+    if overhead is None:
+        return []
+    path, data = overhead
+    rows = [r for r in data.get("rows", []) if r.get("ratio_vs_merged_weights") is not None]
+    if not rows:
+        return []
+    tokens = ", ".join(sorted({f"{r['input']} {r.get('tokens', '?')}" for r in rows}))
+    lines = [
+        "",
+        "## Routing overhead (from the routing-overhead benchmark, not measured by this command)",
+        "",
+        f"Forward time of the routed model ÷ the merged model (experts merged into the weights), from `{path.name}`"
+        f" (`{data.get('command', '?')}`; a {data.get('model', {}).get('num_hidden_layers', '?')}-layer Llama-shaped"
+        " model; tokens per forward: " + tokens + ").",
+        "",
+        "| experts | threads | top_k | prefill | decode |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    keys = sorted({(r["experts"], r["threads"], r["top_k"]) for r in rows})
+    for experts, threads, top_k in keys:
+        cells = []
+        for kind in ("prefill", "decode"):
+            match = [
+                r
+                for r in rows
+                if (r["experts"], r["threads"], r["top_k"], r["input"]) == (experts, threads, top_k, kind)
+            ]
+            cells.append(f"{match[0]['ratio_vs_merged_weights']:.2f} ×" if match else "–")
+        lines.append(f"| {experts} | {threads} | {top_k} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def _reuse_section(results: dict, header: dict, overhead: tuple[Path, dict] | None) -> list[str]:
     if "reuse" not in results:
         return []
@@ -250,6 +284,7 @@ def _reuse_section(results: dict, header: dict, overhead: tuple[Path, dict] | No
         rows = [("base", results["individual"]["base"]), *results["reuse"].items()]
         rows = [(label, scores) for label, scores in rows if any(t in scores for t in held_out)]
         lines += _per_task_table("Reuse strategies on each held-out task", rows, held_out)
+    lines += _overhead_table(overhead)
     lines += [
         "",
         "## The reuse bar (issue 10, from this run)",
