@@ -46,6 +46,7 @@ class RunSettings:
     max_eval: int | None = None
     merge_sizes: list[int] = field(default_factory=lambda: [2, 4, 8])
     reuse: bool = False  # also route / cluster the held-in experts (benchmarks/quality/reuse.py)
+    reuse_pooled: bool = True  # with reuse: also train one expert per MBC cluster on its pooled data
 
 
 DEFAULT_LR_GRID = {

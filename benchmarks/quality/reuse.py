@@ -12,7 +12,7 @@ merges:
   (``<method>:mbc<c>-own``, to compare with the per-task experts) and Arrow over the ``c`` cluster experts on all
   tasks (``<method>:mbc<c>-arrow-k<k>``). The same again with one expert *trained* per cluster on the pooled
   training data of its tasks (``<method>:mbc<c>-pooled-own`` / ``-pooled-arrow-k<k>``; same steps, batch, rate and
-  seed as a task expert, so each task gets a 1/|cluster| share of the steps).
+  seed as a task expert, so each task gets a 1/|cluster| share of the steps; ``--no-pooled`` skips these).
 
 GenKnowSub's "general" experts: the research trains them on general text; this benchmark has no general task, so
 the general set is **the held-in experts themselves** (GenKnowSub then subtracts their mean, the knowledge they
@@ -153,12 +153,15 @@ def evaluate_reuse(harness, method: Method, dirs: list[str], lr: float) -> tuple
             "labels": info["labels"],
         }
         merged = [str(out_dir / name) for name in info["merged_dirs"]]
-        pooled = []
-        for cid, members in enumerate(groups):
-            task = pooled_task(f"mbc{k}-c{cid}-" + "+".join(members), [harness.tasks[t] for t in members])
-            pooled.append(str(harness.cache.get_or_train(harness.base, harness.scorer, method, task, lr, s)))
+        variants = [("", merged)]
+        if s.reuse_pooled:
+            pooled = []
+            for cid, members in enumerate(groups):
+                task = pooled_task(f"mbc{k}-c{cid}-" + "+".join(members), [harness.tasks[t] for t in members])
+                pooled.append(str(harness.cache.get_or_train(harness.base, harness.scorer, method, task, lr, s)))
+            variants.append(("-pooled", pooled))
         top_k = min(MBC_TOP_K, len(merged))
-        for variant, expert_dirs in (("", merged), ("-pooled", pooled)):
+        for variant, expert_dirs in variants:
             relative_experts = [os.path.relpath(d, cache.root) for d in expert_dirs]
             own: dict[str, float] = {}
             for cid, members in enumerate(groups):

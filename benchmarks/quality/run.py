@@ -220,6 +220,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="also evaluate Arrow routing (sparse and PEFT LoRA, with/without GenKnowSub) and MBC clustering of the"
         " held-in experts (benchmarks/quality/reuse.py)",
     )
+    parser.add_argument(
+        "--no-pooled",
+        action="store_true",
+        help="with --reuse: skip the experts trained per MBC cluster on its pooled data (one training per cluster)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default="benchmarks/results")
@@ -287,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     preset_name = next((name for name in ("smoke", "reduced", "medium") if getattr(args, name)), "full")
     preset = dict((CAUSAL_PRESETS if args.causal else PRESETS)[preset_name])
+    if args.no_pooled and not args.reuse:
+        raise SystemExit("--no-pooled needs --reuse")
     if args.generate is not None and not args.causal:
         raise SystemExit("--generate needs --causal (the encoder does not generate)")
     if (args.generate is not None and args.generate < 0) or (args.batch_size is not None and args.batch_size < 1):
@@ -315,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         merge_sizes=preset["merge_sizes"],
         calibration_batches=preset.get("calibration_batches", 8),
         reuse=args.reuse,
+        reuse_pooled=not args.no_pooled,
     )
     started = time.time()
     base, scorer, model_key, model_label = load_scorer(args, preset_name, preset, tasks)
@@ -338,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
         "experts_trained_by_this_command": results.pop("experts_trained"),
         "preset": preset_name,
         "reuse": settings.reuse,
+        "reuse_pooled": settings.reuse and settings.reuse_pooled,
     }
     stem = "quality_causal" if args.causal else "quality"
     prefix = args.prefix or (stem if preset_name == "full" else f"{stem}_{preset_name}")
