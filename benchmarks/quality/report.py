@@ -588,9 +588,14 @@ def plots(results: dict, header: dict, out: Path, prefix: str) -> list[Path]:
         rows = reuse_rows(results, held_in, held_out)
         fig, ax = plt.subplots(figsize=(max(7, 0.45 * len(rows) + 2), 4.5))
         xs = range(len(rows))
-        ax.bar([x - 0.2 for x in xs], [100 * (r["held_in"] or 0) for r in rows], 0.4, label="held-in mean")
-        if held_out:
-            ax.bar([x + 0.2 for x in xs], [100 * (r["held_out"] or 0) for r in rows], 0.4, label="held-out mean")
+        for offset, key, name in ((-0.2, "held_in", "held-in mean"), (0.2, "held_out", "held-out mean")):
+            shown = [(x + offset, 100 * r[key]) for x, r in zip(xs, rows, strict=True) if r[key] is not None]
+            if shown:
+                ax.bar([x for x, _ in shown], [v for _, v in shown], 0.4, label=name)
+        base = rows[0]
+        for key, style in (("held_in", "--"), ("held_out", ":")):
+            if base[key] is not None:
+                ax.axhline(100 * base[key], color="gray", ls=style, lw=0.8, label=f"base, {key.replace('_', '-')}")
         _zoom(ax)
         ax.set_xticks(list(xs), [r["label"] for r in rows], rotation=60, ha="right", fontsize=7)
         ax.set_ylabel("mean accuracy (%)")
