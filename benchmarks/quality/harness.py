@@ -45,6 +45,8 @@ class RunSettings:
     calibration_batches: int = 8
     max_eval: int | None = None
     merge_sizes: list[int] = field(default_factory=lambda: [2, 4, 8])
+    reuse: bool = False  # also route / cluster the held-in experts (benchmarks/quality/reuse.py)
+    reuse_pooled: bool = True  # with reuse: also train one expert per MBC cluster on its pooled data
 
 
 DEFAULT_LR_GRID = {
@@ -333,6 +335,8 @@ class Harness:
             "training_cost": {},
             "test_items": {t: len(_eval_split(self.tasks[t], "test", s.max_eval)) for t in all_tasks},
         }
+        if s.reuse:
+            results["reuse"], results["reuse_clusters"] = {}, {}
         results["individual"]["base"] = self.cached_scores("base", ["base"], lambda: self.base, all_tasks, "base")
         methods = [parse_method(m) for m in s.methods if m != "base"]
         for method in tqdm(methods, desc="methods"):
@@ -357,6 +361,12 @@ class Harness:
                     merged = self.merged_scores(method, dirs[:n], combination, s.held_in[:n])
                     curve[n] = sum(merged.values()) / n
                 results["merge_curve"][f"{method.name}:{combination}"] = curve
+            if s.reuse:
+                from .reuse import evaluate_reuse
+
+                scores, clusters = evaluate_reuse(self, method, dirs, lr)
+                results["reuse"].update(scores)
+                results["reuse_clusters"].update(clusters)
         if self.generation:
             results["generation"] = self.generation
         results["experts_trained"] = self.cache.trained

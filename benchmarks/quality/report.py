@@ -94,6 +94,212 @@ def claims(results: dict, held_in: list[str], scorer: str = "encoder") -> list[d
     return rows
 
 
+OVERHEAD_FILE = "routing_overhead.json"  # written by benchmarks/reuse/overhead.py (not rerun here)
+OVERHEAD_EXPERTS, OVERHEAD_BAR = 16, 2.0
+ARROW_MARGIN = 0.01  # Arrow over sparse experts vs the uniform sparse merge, held-out mean
+
+
+def read_overhead(out_dir: str | os.PathLike) -> tuple[Path, dict] | None:
+    """The routing-overhead benchmark's results, from ``out_dir`` or the repository's benchmarks/results."""
+    for folder in (Path(out_dir), Path(__file__).resolve().parents[1] / "results"):
+        path = folder / OVERHEAD_FILE
+        if path.exists():
+            return path, json.loads(path.read_text())
+    return None
+
+
+def _is_arrow(label: str) -> bool:
+    return ":arrow" in label
+
+
+def reuse_rows(results: dict, held_in: list[str], held_out: list[str]) -> list[dict]:
+    """One row per reuse strategy (with base, per-task experts and the uniform merges to compare against)."""
+    rows = []
+
+    def add(label: str, what: str, scores: dict) -> None:
+        rows.append(
+            {"label": label, "what": what, "held_in": _mean(scores, held_in), "held_out": _mean(scores, held_out)}
+        )
+
+    add("base", "zero-shot", results["individual"]["base"])
+    methods = {label.split(":")[0] for label in results.get("reuse", {})}
+    for method in [m for m in results["individual"] if m in methods]:
+        add(f"{method} (per task)", "each task's own expert (held-in only)", results["individual"][method])
+        for label, scores in results["merged"].items():
+            if label.split(":")[0] == method and label.split(":")[1] in ("sparse_average", "linear"):
+                add(label, "uniform merge of all experts", scores)
+        for label, scores in results["reuse"].items():
+            if label.split(":")[0] != method:
+                continue
+            strategy = label.split(":")[1]
+            if "own" in strategy:
+                what = "each held-in task its cluster's expert"
+            elif strategy.startswith("mbc"):
+                what = "Arrow over the cluster experts"
+            elif strategy.startswith("peft-arrow"):
+                what = "PEFT LoRA Arrow" + (" + GenKnowSub" if "gks" in strategy else "")
+            else:
+                what = "peft-sparse Arrow" + (" + GenKnowSub" if "gks" in strategy else "")
+            add(label, what, scores)
+    return rows
+
+
+def reuse_claims(results: dict, held_in: list[str], held_out: list[str], overhead: dict | None) -> list[dict]:
+    """The issue-10 bars. Best configurations are picked on the test scores, which favours Arrow (said in detail)."""
+    reuse = results.get("reuse") or {}
+    out_mean = {label: _mean(scores, held_out) for label, scores in reuse.items()}
+    merged_out = {label: _mean(scores, held_out) for label, scores in results["merged"].items()}
+    rows = []
+
+    def pts(value: float | None) -> str:
+        return _pct(value)
+
+    sparse_arrow = {
+        label: v
+        for label, v in out_mean.items()
+        if _is_arrow(label) and ":mbc" not in label and label.startswith("sparse") and v is not None
+    }
+    lora_arrow = {label: v for label, v in out_mean.items() if ":peft-arrow" in label and v is not None}
+    best_sparse = max(sparse_arrow, key=sparse_arrow.get) if sparse_arrow else None
+    uniform_label = f"{best_sparse.split(':')[0]}:sparse_average" if best_sparse else None
+    uniform = merged_out.get(uniform_label)
+    if best_sparse is not None:
+        method = best_sparse.split(":")[0]
+        configs = {label: v for label, v in sparse_arrow.items() if label.split(":")[0] == method}
+        meeting = sum(uniform is not None and v >= uniform + ARROW_MARGIN for v in configs.values())
+        rows.append(
+            {
+                "claim": "Arrow (sparse) ≥ uniform sparse merge + 1 pt, held-out mean",
+                "lhs": pts(sparse_arrow[best_sparse]),
+                "rhs": pts(uniform),
+                "held": None if uniform is None else sparse_arrow[best_sparse] >= uniform + ARROW_MARGIN,
+                "detail": f"best: {best_sparse} vs {uniform_label}; {meeting} of {len(configs)} Arrow configurations"
+                " meet it (best picked on test scores)",
+            }
+        )
+    if best_sparse is not None and lora_arrow:
+        best_lora = max(lora_arrow, key=lora_arrow.get)
+        method = best_sparse.split(":")[0]
+        matched = [
+            (v, lora_arrow[f"lora:peft-{label.split(':')[1]}"])
+            for label, v in sparse_arrow.items()
+            if label.split(":")[0] == method and f"lora:peft-{label.split(':')[1]}" in lora_arrow
+        ]
+        wins = sum(a >= b for a, b in matched)
+        rows.append(
+            {
+                "claim": "Arrow (sparse) ≥ PEFT LoRA Arrow, held-out mean",
+                "lhs": pts(sparse_arrow[best_sparse]),
+                "rhs": pts(lora_arrow[best_lora]),
+                "held": sparse_arrow[best_sparse] >= lora_arrow[best_lora],
+                "detail": f"best vs best: {best_sparse} vs {best_lora}; same top_k/GenKnowSub: sparse ≥ LoRA in {wins}"
+                f" of {len(matched)}",
+            }
+        )
+    if overhead is not None:
+        ratios = [
+            (row["ratio_vs_merged_weights"], row)
+            for row in overhead.get("rows", [])
+            if row.get("experts") == OVERHEAD_EXPERTS and row.get("ratio_vs_merged_weights") is not None
+        ]
+        if ratios:
+            worst, worst_row = max(ratios, key=lambda pair: pair[0])
+            met = sum(r <= OVERHEAD_BAR for r, _ in ratios)
+            rows.append(
+                {
+                    "claim": f"routed forward at {OVERHEAD_EXPERTS} experts ≤ {OVERHEAD_BAR:g} × merged",
+                    "lhs": f"{worst:.2f} × (worst)",
+                    "rhs": f"{OVERHEAD_BAR:.2f} ×",
+                    "held": met == len(ratios),
+                    "detail": f"met in {met} of {len(ratios)} settings (top_k × prefill/decode × threads; best"
+                    f" {min(r for r, _ in ratios):.2f} ×; worst: top_k={worst_row['top_k']}, {worst_row['input']},"
+                    f" {worst_row['threads']} thread(s)); from {OVERHEAD_FILE} (`{overhead.get('command', '?')}`)",
+                }
+            )
+    return rows
+
+
+def _overhead_table(overhead: tuple[Path, dict] | None) -> list[str]:
+    """Routed / merged forward time at 4, 8 and 16 experts, as measured by the routing-overhead benchmark."""
+    if overhead is None:
+        return []
+    path, data = overhead
+    rows = [r for r in data.get("rows", []) if r.get("ratio_vs_merged_weights") is not None]
+    if not rows:
+        return []
+    tokens = ", ".join(sorted({f"{r['input']} {r.get('tokens', '?')}" for r in rows}))
+    lines = [
+        "",
+        "## Routing overhead (from the routing-overhead benchmark, not measured by this command)",
+        "",
+        f"Forward time of the routed model ÷ the merged model (experts merged into the weights), from `{path.name}`"
+        f" (`{data.get('command', '?')}`; a {data.get('model', {}).get('num_hidden_layers', '?')}-layer Llama-shaped"
+        " model; tokens per forward: " + tokens + ").",
+        "",
+        "| experts | threads | top_k | prefill | decode |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    keys = sorted({(r["experts"], r["threads"], r["top_k"]) for r in rows})
+    for experts, threads, top_k in keys:
+        cells = []
+        for kind in ("prefill", "decode"):
+            match = [
+                r
+                for r in rows
+                if (r["experts"], r["threads"], r["top_k"], r["input"]) == (experts, threads, top_k, kind)
+            ]
+            cells.append(f"{match[0]['ratio_vs_merged_weights']:.2f} ×" if match else "–")
+        lines.append(f"| {experts} | {threads} | {top_k} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _reuse_section(results: dict, header: dict, overhead: tuple[Path, dict] | None) -> list[str]:
+    if "reuse" not in results:
+        return []
+    held_in, held_out = header["held_in"], header["held_out"]
+    lines = [
+        "",
+        "## Reuse: routing (Arrow) and clustering (MBC) instead of one merge",
+        "",
+        "The same held-in experts as the merges. Arrow routes every token to its top-k experts by the prototypes"
+        " (top right-singular vectors of each expert's ΔW); GenKnowSub (gks) first subtracts the mean of the"
+        " general experts, here the held-in experts themselves (no general task exists in this benchmark), for the"
+        " sparse and the LoRA Arrow alike. MBC clusters the sparse experts by the cosine similarity of their deltas"
+        " and merges each cluster (`sparse_average`); `pooled` = one expert trained per cluster on its tasks'"
+        " pooled training data (same steps as one task expert). `-own` rows score each held-in task with its"
+        " cluster's expert (compare with the per-task experts).",
+        "",
+        "| strategy | what | held-in mean | held-out mean |",
+        "|---|---|---:|---:|",
+    ]
+    for row in reuse_rows(results, held_in, held_out):
+        lines.append(f"| {row['label']} | {row['what']} | {_pct(row['held_in'])} | {_pct(row['held_out'])} |")
+    clusters = results.get("reuse_clusters") or {}
+    if clusters:
+        lines += ["", "MBC clusters (silhouette on the similarity rows):", ""]
+        for label, info in clusters.items():
+            groups = "; ".join("{" + ", ".join(g) + "}" for g in info["clusters"])
+            lines.append(f"- {label}: {groups} (silhouette {_fixed(info['silhouette'], 3)})")
+    if held_out:
+        rows = [("base", results["individual"]["base"]), *results["reuse"].items()]
+        rows = [(label, scores) for label, scores in rows if any(t in scores for t in held_out)]
+        lines += _per_task_table("Reuse strategies on each held-out task", rows, held_out)
+    lines += _overhead_table(overhead)
+    lines += [
+        "",
+        "## The reuse bar (issue 10, from this run)",
+        "",
+        "| claim | measured | reference | held? | detail |",
+        "|---|---:|---:|---|---|",
+    ]
+    for row in reuse_claims(results, held_in, held_out, overhead[1] if overhead else None):
+        held = "n/a" if row["held"] is None else ("yes" if row["held"] else "**NO**")
+        lines.append(f"| {row['claim']} | {row['lhs']} | {row['rhs']} | {held} | {row['detail']} |")
+    if overhead is None:
+        lines.append(f"| routed forward ≤ 2 × merged | – | – | n/a | no {OVERHEAD_FILE} found |")
+    return lines
+
+
 def _step_time_claim(results: dict) -> list[str]:
     """The causal bar on cost: a sparse training step ≤ 1.1 × LoRA's (from the recorded training times)."""
     cost = results.get("training_cost", {})
@@ -183,7 +389,7 @@ def _cost_section(results: dict, header: dict) -> list[str]:
     return lines
 
 
-def markdown(results: dict, header: dict) -> str:
+def markdown(results: dict, header: dict, overhead: tuple[Path, dict] | None = None) -> str:
     held_in, held_out = header["held_in"], header["held_out"]
     scorer = header.get("scorer", "encoder")
     how = (
@@ -285,6 +491,7 @@ def markdown(results: dict, header: dict) -> str:
         lines.append(f"| {row['claim']} | {_pct(row['lhs'])} | {_pct(row['rhs'])} | {held} | {row['detail']} |")
     if scorer == "causal":
         lines += _step_time_claim(results)
+    lines += _reuse_section(results, header, overhead)
     lines += _generation_sections(results, held_in, held_out, header.get("generate_items"))
     lines += _cost_section(results, header)
     lines += [
@@ -377,6 +584,26 @@ def plots(results: dict, header: dict, out: Path, prefix: str) -> list[Path]:
         written.append(out / f"{prefix}merged_vs_individual.png")
         _save_figure(fig, written[-1])
         plt.close(fig)
+    if results.get("reuse"):
+        rows = reuse_rows(results, held_in, held_out)
+        fig, ax = plt.subplots(figsize=(max(7, 0.45 * len(rows) + 2), 4.5))
+        xs = range(len(rows))
+        for offset, key, name in ((-0.2, "held_in", "held-in mean"), (0.2, "held_out", "held-out mean")):
+            shown = [(x + offset, 100 * r[key]) for x, r in zip(xs, rows, strict=True) if r[key] is not None]
+            if shown:
+                ax.bar([x for x, _ in shown], [v for _, v in shown], 0.4, label=name)
+        base = rows[0]
+        for key, style in (("held_in", "--"), ("held_out", ":")):
+            if base[key] is not None:
+                ax.axhline(100 * base[key], color="gray", ls=style, lw=0.8, label=f"base, {key.replace('_', '-')}")
+        _zoom(ax)
+        ax.set_xticks(list(xs), [r["label"] for r in rows], rotation=60, ha="right", fontsize=7)
+        ax.set_ylabel("mean accuracy (%)")
+        ax.set_title("Reuse: uniform merge vs Arrow routing vs MBC clusters")
+        ax.legend(fontsize=7)
+        written.append(out / f"{prefix}reuse.png")
+        _save_figure(fig, written[-1])
+        plt.close(fig)
     if results["merge_curve"]:
         fig, ax = plt.subplots(figsize=(6, 4))
         for label, curve in results["merge_curve"].items():
@@ -401,8 +628,13 @@ def write_report(results: dict, header: dict, out_dir: str | os.PathLike, prefix
         "results": results,
         "claims": claims(results, header["held_in"], header.get("scorer", "encoder")),
     }
+    overhead = read_overhead(out) if "reuse" in results else None
+    if "reuse" in results:
+        payload["reuse_claims"] = reuse_claims(
+            results, header["held_in"], header["held_out"], overhead[1] if overhead else None
+        )
     atomic_write_text(out / f"{prefix}.json", json.dumps(payload, indent=2, default=str))
-    md = markdown(results, header)
+    md = markdown(results, header, overhead)
     atomic_write_text(out / f"{prefix}.md", md)
     pngs = plots(results, header, out, f"{prefix}_")
     return {"json": out / f"{prefix}.json", "markdown": out / f"{prefix}.md", **{p.stem: p for p in pngs}}

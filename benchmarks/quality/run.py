@@ -9,6 +9,10 @@ encoder path works with ``--model``; user tasks come from a directory of JSONL f
 (``--model smollm2``), ``--model tiny-llama`` (a 2-layer test model, the default of ``--causal --smoke``) or any
 Hugging Face causal-LM path with a chat template. Tasks become chat prompts, training is answer-only SFT, scores
 are log-likelihood accuracy plus greedy-generation exact match and Rouge-L (``benchmarks/quality/causal_scorer.py``).
+
+``--reuse`` (any preset, encoder or ``--causal``) also reuses each method's held-in experts without one merge:
+Arrow routing (peft-sparse's over sparse experts, PEFT's over LoRA experts; top_k 1/2/4, with and without
+GenKnowSub) and MBC clusters (``benchmarks/quality/reuse.py``); the report gains a reuse table, plot and bars.
 """
 
 from __future__ import annotations
@@ -210,6 +214,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="METHOD=RATE",
         help="fix a method's (or method kind's) learning rate instead of searching, e.g. --lr lora-mlp=3e-3",
     )
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="also evaluate Arrow routing (sparse and PEFT LoRA, with/without GenKnowSub) and MBC clustering of the"
+        " held-in experts (benchmarks/quality/reuse.py)",
+    )
+    parser.add_argument(
+        "--no-pooled",
+        action="store_true",
+        help="with --reuse: skip the experts trained per MBC cluster on its pooled data (one training per cluster)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default="benchmarks/results")
@@ -277,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     preset_name = next((name for name in ("smoke", "reduced", "medium") if getattr(args, name)), "full")
     preset = dict((CAUSAL_PRESETS if args.causal else PRESETS)[preset_name])
+    if args.no_pooled and not args.reuse:
+        raise SystemExit("--no-pooled needs --reuse")
     if args.generate is not None and not args.causal:
         raise SystemExit("--generate needs --causal (the encoder does not generate)")
     if (args.generate is not None and args.generate < 0) or (args.batch_size is not None and args.batch_size < 1):
@@ -304,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
         max_eval=args.max_eval or preset["max_eval"],
         merge_sizes=preset["merge_sizes"],
         calibration_batches=preset.get("calibration_batches", 8),
+        reuse=args.reuse,
+        reuse_pooled=not args.no_pooled,
     )
     started = time.time()
     base, scorer, model_key, model_label = load_scorer(args, preset_name, preset, tasks)
@@ -326,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": round(time.time() - started, 1),
         "experts_trained_by_this_command": results.pop("experts_trained"),
         "preset": preset_name,
+        "reuse": settings.reuse,
+        "reuse_pooled": settings.reuse and settings.reuse_pooled,
     }
     stem = "quality_causal" if args.causal else "quality"
     prefix = args.prefix or (stem if preset_name == "full" else f"{stem}_{preset_name}")
