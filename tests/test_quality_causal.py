@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from quality_tasks import WORDS
+from quality_tasks import category_task as shared_category_task
 
 from benchmarks.quality import harness as harness_lib
 from benchmarks.quality.causal_model import _write_converted, tiny_llama, tiny_tokenizer
@@ -24,27 +25,14 @@ from benchmarks.quality.causal_scorer import (
 from benchmarks.quality.harness import RunSettings, reselect_steps, train_expert
 from benchmarks.quality.methods import load_expert, parse_method, save_expert
 from benchmarks.quality.run import main
-from benchmarks.quality.tasks import Example, Task, save_task_jsonl
+from benchmarks.quality.tasks import Task, save_task_jsonl
 
-WORDS = {
-    "animal": ["dog", "cat", "horse", "sparrow", "trout", "wolf", "cow", "eagle"],
-    "food": ["bread", "cheese", "apple", "soup", "rice", "cake", "butter", "pasta"],
-    "hand tool": ["hammer", "saw", "wrench", "drill", "chisel", "shovel", "rake", "pliers"],
-    "colour": ["red", "blue", "green", "yellow", "purple", "orange", "brown", "pink"],
-}
+# a two-word label, so answers span several tokens
+CAUSAL_WORDS = {("hand tool" if label == "tool" else label): members for label, members in WORDS.items()}
 
 
 def category_task(name: str, template: str, seed: int) -> Task:
-    rng = random.Random(seed)
-    labels = list(WORDS)
-    items = []
-    for label, words in WORDS.items():
-        for word in words:
-            candidates = labels[:]
-            rng.shuffle(candidates)
-            items.append(Example(query=template.format(word), candidates=candidates, label=candidates.index(label)))
-    rng.shuffle(items)
-    return Task(name, False, items[:16], items[16:24], items[24:])
+    return shared_category_task(name, template, seed, CAUSAL_WORDS)
 
 
 EXAMPLES = category_task("t", "what kind of thing is a {}?", 3).train[:5]

