@@ -354,12 +354,6 @@ class SparseAdapterLayer(BaseTunerLayer):
             return sparse_delta(x, values, indices, self.shape, scale, self.transposed)
         return block_sparse_delta(x, values, indices, block, self.shape, scale, self.transposed)
 
-    def _adapter_output(
-        self, name: str, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None
-    ) -> torch.Tensor:
-        """Full output ``x @ (W + ΔW) + b`` when ``weight`` is given, else only the delta ``x @ ΔW``."""
-        return self.delta_output(name, x) if weight is None else self.fused_output(name, x, weight, bias)
-
 
 class Linear(nn.Module, SparseAdapterLayer):
     """Sparse adapter on ``nn.Linear`` or GPT-2 ``Conv1D``."""

@@ -32,12 +32,14 @@ VOCAB = 64
 
 
 # --- tiny models -----------------------------------------------------------------------------------------------
-def tiny_llama(seed: int = 0, layers: int = 2, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
+def tiny_llama(
+    seed: int = 0, layers: int = 2, dtype: torch.dtype = torch.float32, hidden: int = 32, intermediate: int = 48
+) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=48,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,

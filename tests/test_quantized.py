@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import VOCAB, assert_is_top_k, lm_batches, set_random_values, sparse_layers
+from conftest import assert_is_top_k, lm_batches, set_random_values, sparse_layers, tiny_llama
 from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file
 from torch import nn
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM, TorchAoConfig
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaForCausalLM, TorchAoConfig
 
 from peft_sparse import SparseAdapterConfig, calibrate_masks
 from peft_sparse.quantized import UnsupportedQuantizationError
@@ -49,21 +49,8 @@ MERGE_BOUND = {
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     """A tiny Llama saved to disk, to be loaded quantized (as users do with from_pretrained)."""
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
     path = tmp_path_factory.mktemp("tiny_llama")
-    LlamaForCausalLM(config).save_pretrained(path)
+    tiny_llama(hidden=64, intermediate=128).save_pretrained(path)  # bnb CPU 4-bit needs 64-wide blocks
     return path
 
 

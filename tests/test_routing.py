@@ -395,23 +395,10 @@ def test_with_the_real_expert_library(tmp_path, monkeypatch):
 
 def test_routing_on_a_bitsandbytes_4bit_base(tmp_path):
     pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed")
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     def llama64():  # bitsandbytes' CPU 4-bit kernels need 64-wide blocks
-        torch.manual_seed(0)
-        config = LlamaConfig(
-            vocab_size=VOCAB,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-            bos_token_id=1,
-            eos_token_id=2,
-            pad_token_id=0,
-        )
-        return LlamaForCausalLM(config).eval()
+        return tiny_llama(hidden=64, intermediate=128)
 
     llama64().save_pretrained(tmp_path / "base")
 
