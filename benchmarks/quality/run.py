@@ -130,12 +130,14 @@ CAUSAL_PRESETS = {
         lr_search_tasks=1,
     ),
     "medium": dict(
+        # sized to the 2-core machine (runtime in docs/quality.md): the reduced preset's steps and test items on
+        # 8 held-in and all held-out tasks, with every qkv method and every learning rate searched
         held_in=8,
         held_out=None,
-        steps=60,
+        steps=40,
         batch_size=8,
-        max_eval=128,
-        generate=16,
+        max_eval=64,
+        generate=8,
         methods=[
             "base",
             "lora",
@@ -146,7 +148,8 @@ CAUSAL_PRESETS = {
             "shira",
             "full",
         ],
-        lr_grid=CAUSAL_LR_GRID,
+        # two rates per kind: the search extends a grid past an edge that wins, so each is tried on 2-4 rates
+        lr_grid={"full": [1e-5, 3e-5], "lora": [1e-3, 3e-3], "shira": [3e-4, 1e-3], "sparse": [3e-4, 1e-3]},
         merge_sizes=[2, 4],
         calibration_batches=4,
         lr_search_tasks=1,
