@@ -29,7 +29,7 @@ from datasets import Dataset
 from peft import LoraConfig, PeftModel
 from safetensors.torch import load_file
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedTokenizerFast
 from trl import SFTConfig, SFTTrainer
 
 from peft_sparse import SparseAdapterConfig, SparseMaskCalibrationCallback
@@ -251,9 +251,12 @@ def test_text_rows_with_trl_defaults_train_on_the_full_sequence(tmp_path):
     )
     trainer.train()
     model = trainer.model
+    assert model.get_base_model().is_activation_checkpointing
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 300
     assert_same_tensors(base_weights(model), before)
-    assert all(bool((layer.sparse_adapter_values["default"] != 0).any()) for layer in sparse_layers(model).values())
+    for layer in sparse_layers(model).values():
+        values = layer.sparse_adapter_values["default"]
+        assert values.dtype == torch.float32 and bool((values != 0).any())
     reference = completion_only_loss(tiny_llama(), tokenizer, full_sequence=True)
     assert trainer.state.log_history[0]["loss"] == pytest.approx(reference, rel=2e-2)  # bf16 autocast
 
@@ -312,3 +315,36 @@ def test_trainable_token_indices_validated_and_copied_from_lora():
     config = SparseAdapterConfig.from_lora_config(lora)
     assert config.trainable_token_indices == {"embed_tokens": [3, 5]}
     assert config.trainable_token_indices["embed_tokens"] is not lora.trainable_token_indices["embed_tokens"]
+
+
+def test_quantized_base_values_cast_to_bf16_by_trl_and_back_to_fp32(tmp_path):
+    """A 4-bit base: SFTTrainer casts the trainable values to bf16 (its QLoRA recipe); casting them back before
+    train() (the optimizer is built there) trains fp32 values, and the packed 4-bit weights stay as they were."""
+    tiny_llama(hidden=64, intermediate=128).save_pretrained(tmp_path / "base")  # bnb CPU 4-bit: 64-wide blocks
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+    )
+    base = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "base", quantization_config=quantization, device_map="cpu", dtype=torch.float32
+    )
+    packed = {n: p.detach().clone() for n, p in base.named_parameters() if p.dtype == torch.uint8}
+    dataset = Dataset.from_dict({"prompt": [p for p, _ in ROWS], "completion": [f" {c}" for _, c in ROWS]})
+    trainer = SFTTrainer(
+        model=base,
+        args=sft_args(tmp_path / "out", max_steps=2),
+        train_dataset=dataset,
+        processing_class=word_tokenizer(),
+        peft_config=SparseAdapterConfig(target_modules=TARGETS, mask_init="gradient"),
+        callbacks=[SparseMaskCalibrationCallback(num_batches=1, progress=False)],
+    )
+    values = [layer.sparse_adapter_values["default"] for layer in sparse_layers(trainer.model).values()]
+    assert values and all(v.dtype == torch.bfloat16 for v in values)  # TRL's cast
+    for p in trainer.model.parameters():  # the workaround in docs/concepts.md
+        if p.requires_grad:
+            p.data = p.data.float()
+    trainer.train()
+    assert all(v.dtype == torch.float32 and bool((v != 0).any()) for v in values)
+    after = {
+        n.replace("base_model.model.", "").replace(".base_layer", ""): p for n, p in trainer.model.named_parameters()
+    }
+    assert len(packed) == 2 * 7 and all(torch.equal(after[n], p) for n, p in packed.items())  # 7 Linear per layer
