@@ -56,6 +56,13 @@ class SparseAdapterConfig(PeftConfig):
     layers_to_transform: list[int] | int | None = field(default=None, metadata={"help": "Layer indices."})
     layers_pattern: list[str] | str | None = field(default=None, metadata={"help": "Name of the layer list."})
     modules_to_save: list[str] | None = field(default=None, metadata={"help": "Extra fully trained modules."})
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = field(
+        default=None,
+        metadata={
+            "help": "Embedding rows to train (PEFT's trainable tokens): a list for the input embedding, or "
+            "{'embed_tokens': [...]}. TRL's SFTTrainer fills it for tokens its chat_template_path adds."
+        },
+    )
     entries_pattern: dict[str, int] = field(
         default_factory=dict, metadata={"help": "Stored rows (entries or blocks) per module; filled in for you."}
     )
@@ -112,6 +119,7 @@ class SparseAdapterConfig(PeftConfig):
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("layers_pattern requires layers_to_transform")
         _check_names("modules_to_save", self.modules_to_save)
+        _check_token_indices(self.trainable_token_indices)
         _check_mapping("entries_pattern", self.entries_pattern, minimum=0)
         if not isinstance(self.weight_shapes, dict):
             raise ValueError(f"weight_shapes must be a dict, got {type(self.weight_shapes).__name__}")
@@ -153,6 +161,7 @@ class SparseAdapterConfig(PeftConfig):
             "layers_to_transform": lora_config.layers_to_transform,
             "layers_pattern": lora_config.layers_pattern,
             "modules_to_save": copy(lora_config.modules_to_save),
+            "trainable_token_indices": _copy_token_indices(getattr(lora_config, "trainable_token_indices", None)),
             "fan_in_fan_out": lora_config.fan_in_fan_out,
             "task_type": lora_config.task_type,
             "base_model_name_or_path": lora_config.base_model_name_or_path,
@@ -189,6 +198,25 @@ def _check_mapping(field_name: str, value: object, minimum: int) -> None:
         if not isinstance(key, str):
             raise ValueError(f"{field_name} keys must be module names (str), got {key!r}")
         _check_int(f"{field_name}[{key!r}]", count, minimum=minimum)
+
+
+def _check_token_indices(value: object) -> None:
+    """None, a list of token ids (the input embedding), or a dict of embedding module name -> list of token ids."""
+    if value is None:
+        return
+    per_module = value if isinstance(value, dict) else {None: value}
+    for name, ids in per_module.items():
+        where = "trainable_token_indices" if name is None else f"trainable_token_indices[{name!r}]"
+        if name is not None and not isinstance(name, str):
+            raise ValueError(f"trainable_token_indices keys must be module names (str), got {name!r}")
+        if not isinstance(ids, list | tuple) or not all(_is_int(i) and i >= 0 for i in ids):
+            raise ValueError(f"{where} must be a list of token ids (ints >= 0), got {ids!r}")
+
+
+def _copy_token_indices(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {name: list(ids) for name, ids in value.items()}
+    return list(value) if isinstance(value, list | tuple) else value
 
 
 def _check_names(field_name: str, value: object) -> None:

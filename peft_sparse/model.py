@@ -282,6 +282,8 @@ class SparseAdapterModel(BaseTuner):
             raise ValueError(f"cannot merge adapters with different block_size {[c.block_size for c in configs]}")
         if any(c.modules_to_save for c in configs):
             raise ValueError("adapters with modules_to_save cannot be merged (their dense modules are not sparse)")
+        if any(c.trainable_token_indices for c in configs):
+            raise ValueError("adapters with trainable_token_indices cannot be merged (their embedding rows are dense)")
         targets = [set(c.entries_pattern) for c in configs]
         if any(t != targets[0] for t in targets[1:]):
             raise ValueError("adapters target different modules and cannot be merged")

@@ -5,6 +5,9 @@ from __future__ import annotations
 import copy
 import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from itertools import islice
 
 import torch
 from torch import nn
@@ -18,10 +21,12 @@ from transformers import (
     LlamaForCausalLM,
     Phi3Config,
     Phi3ForCausalLM,
+    TrainerCallback,
 )
 from transformers.pytorch_utils import Conv1D
 
 import peft_sparse  # noqa: F401  (registers the tuner)
+from peft_sparse import calibration
 from peft_sparse.layer import SparseAdapterLayer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -143,6 +148,41 @@ def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
     for key in a:
         assert a[key].dtype == b[key].dtype, key
         assert torch.equal(a[key], b[key]), f"{key} changed"
+
+
+# --- Trainer observers ------------------------------------------------------------------------------------------
+class MaskAtFirstStep(TrainerCallback):
+    """Records the masks and values seen at the first optimizer step of a run."""
+
+    def __init__(self) -> None:
+        self.masks: dict[str, torch.Tensor] | None = None
+        self.values_zero: bool | None = None
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if self.masks is None:
+            layers = sparse_layers(model)
+            self.masks = {n: layer.sparse_adapter_indices["default"].clone() for n, layer in layers.items()}
+            self.values_zero = all(
+                bool((layer.sparse_adapter_values["default"] == 0).all()) for layer in layers.values()
+            )
+
+
+@contextmanager
+def recorded_calibration_batches() -> Iterator[list[list]]:
+    """Spy on calibrate_masks as the Trainer callback calls it; yields the list of the exact batches of each call."""
+    calls: list[list] = []
+    real = calibration.calibrate_masks
+
+    def spy(model, batches, num_batches=None, *args, **kwargs):
+        taken = list(islice(iter(batches), num_batches))
+        calls.append(taken)
+        return real(model, taken, None, *args, **kwargs)
+
+    calibration.calibrate_masks = spy
+    try:
+        yield calls
+    finally:
+        calibration.calibrate_masks = real
 
 
 # --- independent dense references -------------------------------------------------------------------------------

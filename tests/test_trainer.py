@@ -2,25 +2,26 @@
 
 from __future__ import annotations
 
-from itertools import islice
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import (
+    MaskAtFirstStep,
     assert_is_top_k,
     assert_same_tensors,
     base_weights,
     lm_batches,
+    recorded_calibration_batches,
     reference_scores,
     sparse_layers,
     tiny_llama,
 )
 from peft import get_peft_model
 from safetensors.torch import load_file
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainingArguments
 
-from peft_sparse import SparseAdapterConfig, SparseMaskCalibrationCallback, calibration
+from peft_sparse import SparseAdapterConfig, SparseMaskCalibrationCallback
 
 TARGETS = ["q_proj", "v_proj"]
 
@@ -36,35 +37,10 @@ class Examples(torch.utils.data.Dataset):
         return self.rows[i]
 
 
-class MaskAtFirstStep(TrainerCallback):
-    """Records the masks and values seen at the first optimizer step of a run."""
-
-    def __init__(self) -> None:
-        self.masks: dict[str, torch.Tensor] | None = None
-        self.values_zero: bool | None = None
-
-    def on_step_begin(self, args, state, control, model=None, **kwargs):
-        if self.masks is None:
-            layers = sparse_layers(model)
-            self.masks = {n: layer.sparse_adapter_indices["default"].clone() for n, layer in layers.items()}
-            self.values_zero = all(
-                bool((layer.sparse_adapter_values["default"] == 0).all()) for layer in layers.values()
-            )
-
-
 @pytest.fixture
-def calibration_calls(monkeypatch):
-    """Spy on calibrate_masks as the callback calls it; records the exact batches used."""
-    calls = []
-    real = calibration.calibrate_masks
-
-    def spy(model, batches, num_batches=None, *args, **kwargs):
-        taken = list(islice(iter(batches), num_batches))
-        calls.append(taken)
-        return real(model, taken, None, *args, **kwargs)
-
-    monkeypatch.setattr(calibration, "calibrate_masks", spy)
-    return calls
+def calibration_calls():
+    with recorded_calibration_batches() as calls:
+        yield calls
 
 
 def make_model():

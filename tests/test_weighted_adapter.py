@@ -168,3 +168,13 @@ def test_errors_change_nothing(kwargs, match):
     assert after[2] == before[2]
     assert model.active_adapters == ["a"]
     assert all("new" not in layer.sparse_adapter_values for layer in sparse_layers(model).values())
+
+
+def test_adapters_with_trainable_tokens_are_refused():
+    """Trainable embedding rows (e.g. set by TRL's chat_template_path) are dense and cannot be index-merged."""
+    model = experts(names=("a",))
+    model.add_adapter("tokens", SparseAdapterConfig(target_modules=TARGETS, trainable_token_indices=[3, 4]))
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="trainable_token_indices"):
+        model.add_weighted_adapter(["a", "tokens"], [1.0, 1.0], "new")
+    assert "new" not in model.peft_config and snapshot(model)[0] == before[0]
