@@ -84,9 +84,11 @@ def test_changed_task_data_is_not_served_from_the_cache(tasks_dir, tmp_path):
 class _PeakedScores(Harness):
     """Validation accuracy that peaks at a chosen learning rate (no training)."""
 
-    def __init__(self, peak: float, grid: list[float]) -> None:
+    def __init__(self, peak: float, grid: list[float], extensions: int = 1) -> None:
         tasks = {"t": category_task("t", "{}", 0)}
-        settings = RunSettings(methods=["lora"], held_in=["t"], held_out=[], lr_grid={"lora": grid})
+        settings = RunSettings(
+            methods=["lora"], held_in=["t"], held_out=[], lr_grid={"lora": grid}, lr_extensions=extensions
+        )
         super().__init__(torch.nn.Linear(1, 1), None, tasks, settings, cache=None)
         self.peak, self.tried = peak, []
 
@@ -105,6 +107,18 @@ def test_lr_search_extends_a_grid_whose_best_is_on_an_edge(peak, best, extra):
     assert search["best_lr"] == best
     assert harness.tried == [1e-3, 3e-3, 1e-2, *extra]  # at most one step past an edge, each rate trained once
     assert set(search["grid"]) == {f"{lr:g}" for lr in harness.tried}
+
+
+@pytest.mark.parametrize(
+    ("peak", "best", "extra"),
+    [(3e-3, 3e-3, []), (1e-2, 1e-2, [3e-2]), (3e-2, 3e-2, [3e-2]), (1.0, 3e-2, [3e-2])],
+)
+def test_lr_search_may_step_further_past_an_edge_that_keeps_winning(peak, best, extra):
+    harness = _PeakedScores(peak, [1e-3, 3e-3], extensions=2)
+    search = harness.search_lr(parse_method("lora"))
+    assert search["best_lr"] == best
+    assert harness.tried == [1e-3, 3e-3, 1e-2, *extra]  # stops once the best rate is inside, at most 2 steps out
+    assert search["extended"] == [1] * (1 + len(extra))
 
 
 def test_lr_search_keeps_a_single_fixed_rate():

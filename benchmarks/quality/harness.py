@@ -42,6 +42,7 @@ class RunSettings:
     seed: int = 0
     lr_grid: dict[str, list[float]] = field(default_factory=dict)
     lr_search_tasks: int = 2
+    lr_extensions: int = 1  # half-decade steps the search may take past each edge of the grid
     calibration_batches: int = 8
     max_eval: int | None = None
     merge_sizes: list[int] = field(default_factory=lambda: [2, 4, 8])
@@ -255,8 +256,9 @@ class Harness:
     def search_lr(self, method: Method) -> dict:
         """Pick the learning rate with the best mean validation accuracy on the first held-in tasks.
 
-        A grid of two or more rates whose best sits on an edge is extended one half-decade past that edge
-        (once per side), so a method is not held back by where the grid happened to stop.
+        A grid of two or more rates whose best sits on an edge is extended one half-decade past that edge, up to
+        ``lr_extensions`` times per side (while the newest rate still wins), so a method is not held back by where
+        the grid happened to stop.
         """
         search_tasks = [self.tasks[t] for t in self.settings.held_in[: self.settings.lr_search_tasks]]
         table: dict[float, float] = {}
@@ -271,7 +273,7 @@ class Harness:
         while len(grid) >= 2:
             best = max(table, key=lambda lr: (table[lr], -lr))
             side = 1 if best == max(table) else -1 if best == min(table) else 0
-            if side == 0 or side in extended:
+            if side == 0 or extended.count(side) >= self.settings.lr_extensions:
                 break
             extended.append(side)
             evaluate(next_half_decade(best, side))

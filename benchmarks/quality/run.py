@@ -148,8 +148,9 @@ CAUSAL_PRESETS = {
             "shira",
             "full",
         ],
-        # two rates per kind: the search extends a grid past an edge that wins, so each is tried on 2-4 rates
+        # two rates per kind, extended past a winning edge up to twice per side: each method tries 2-6 rates
         lr_grid={"full": [1e-5, 3e-5], "lora": [1e-3, 3e-3], "shira": [3e-4, 1e-3], "sparse": [3e-4, 1e-3]},
+        lr_extensions=2,
         merge_sizes=[2, 4],
         calibration_batches=4,
         lr_search_tasks=1,
@@ -321,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         lr_grid={**preset["lr_grid"], **fixed_rates(args.lr)},
         lr_search_tasks=preset["lr_search_tasks"],
+        lr_extensions=preset.get("lr_extensions", 1),
         max_eval=args.max_eval or preset["max_eval"],
         merge_sizes=preset["merge_sizes"],
         calibration_batches=preset.get("calibration_batches", 8),
