@@ -498,7 +498,8 @@ def markdown(results: dict, header: dict, overhead: tuple[Path, dict] | None = N
         "",
         "## Learning-rate search (validation accuracy, first held-in tasks)",
         "",
-        "A grid whose best rate is on an edge is extended one half-decade past it (once per side).",
+        "A grid whose best rate is on an edge is extended one half-decade past it"
+        + _extension_rule(header.get("lr_extensions", 1)),
         "",
     ]
     for method, search in results["lr_search"].items():
@@ -617,6 +618,10 @@ def plots(results: dict, header: dict, out: Path, prefix: str) -> list[Path]:
         _save_figure(fig, written[-1])
         plt.close(fig)
     return written
+
+
+def _extension_rule(times: int) -> str:
+    return " (once per side)." if times == 1 else f", up to {times} times per side while the newest rate wins."
 
 
 def write_report(results: dict, header: dict, out_dir: str | os.PathLike, prefix: str = "quality") -> dict[str, Path]:

@@ -346,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
         "held_in": settings.held_in,
         "held_out": settings.held_out,
         "methods": settings.methods,
+        "lr_extensions": settings.lr_extensions,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "seconds": round(time.time() - started, 1),
         "experts_trained_by_this_command": results.pop("experts_trained"),
