@@ -7,8 +7,8 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_llama
 from peft import LoraConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from benchmarks.quality.methods import parse_method
 from benchmarks.quality.report import reuse_claims
@@ -26,20 +26,6 @@ def test_strategy_grid_caps_top_k_and_cluster_counts():
         "sparse-gradient:arrow-gks-k1",
     ]
     assert arrow_strategies(parse_method("full"), 4) == [] and arrow_strategies(parse_method("shira"), 4) == []
-
-
-def _tiny_llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-    )
-    return LlamaForCausalLM(config).eval()
 
 
 def _save_expert(base, method_name: str, path, seed: int) -> None:
@@ -64,7 +50,7 @@ def test_arrow_over_one_expert_is_the_expert_and_genknowsub_of_itself_is_the_bas
     their own means are zero). Both Arrow implementations on a causal LM's Linear layers."""
     from peft import PeftModel
 
-    base = _tiny_llama()
+    base = tiny_llama(intermediate=64)
     method = parse_method(method_name)
     _save_expert(base, method_name, tmp_path / "e0", seed=1)
     tokens = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))
@@ -79,7 +65,7 @@ def test_arrow_over_one_expert_is_the_expert_and_genknowsub_of_itself_is_the_bas
 
 
 def test_arrow_routes_between_two_experts_differently_from_either(tmp_path):
-    base = _tiny_llama()
+    base = tiny_llama(intermediate=64)
     method = parse_method("sparse-random")
     dirs = []
     for i in range(2):

@@ -511,7 +511,13 @@ def markdown(results: dict, header: dict, overhead: tuple[Path, dict] | None = N
     return "\n".join(lines) + "\n"
 
 
-def _save_figure(fig, path: Path) -> None:
+def _finish_figure(fig, ax, ylabel: str, title: str, path: Path, legend_columns: int = 1) -> Path:
+    """Label, add the legend, write ``path`` atomically and close the figure."""
+    import matplotlib.pyplot as plt
+
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7, ncol=legend_columns)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png")
     os.close(fd)
     try:
@@ -521,6 +527,8 @@ def _save_figure(fig, path: Path) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        plt.close(fig)
+    return path
 
 
 def _zoom(ax) -> None:
@@ -548,12 +556,11 @@ def plots(results: dict, header: dict, out: Path, prefix: str) -> list[Path]:
         )
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(held_in))], held_in, rotation=30, ha="right")
     _zoom(ax)
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Single-task experts")
-    ax.legend(fontsize=7, ncol=2)
-    written.append(out / f"{prefix}per_task.png")
-    _save_figure(fig, written[-1])
-    plt.close(fig)
+    written.append(
+        _finish_figure(
+            fig, ax, "test accuracy (%)", "Single-task experts", out / f"{prefix}per_task.png", legend_columns=2
+        )
+    )
 
     labels = list(results["merged"])
     if labels:
@@ -579,12 +586,11 @@ def plots(results: dict, header: dict, out: Path, prefix: str) -> list[Path]:
             ax.axhline(100 * (_mean(base, held_out) or 0), color="gray", ls=":", label="base, held-out")
         _zoom(ax)
         ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
-        ax.set_ylabel("mean accuracy (%)")
-        ax.set_title("Merged vs individual experts")
-        ax.legend(fontsize=7)
-        written.append(out / f"{prefix}merged_vs_individual.png")
-        _save_figure(fig, written[-1])
-        plt.close(fig)
+        written.append(
+            _finish_figure(
+                fig, ax, "mean accuracy (%)", "Merged vs individual experts", out / f"{prefix}merged_vs_individual.png"
+            )
+        )
     if results.get("reuse"):
         rows = reuse_rows(results, held_in, held_out)
         fig, ax = plt.subplots(figsize=(max(7, 0.45 * len(rows) + 2), 4.5))
@@ -599,24 +605,24 @@ def plots(results: dict, header: dict, out: Path, prefix: str) -> list[Path]:
                 ax.axhline(100 * base[key], color="gray", ls=style, lw=0.8, label=f"base, {key.replace('_', '-')}")
         _zoom(ax)
         ax.set_xticks(list(xs), [r["label"] for r in rows], rotation=60, ha="right", fontsize=7)
-        ax.set_ylabel("mean accuracy (%)")
-        ax.set_title("Reuse: uniform merge vs Arrow routing vs MBC clusters")
-        ax.legend(fontsize=7)
-        written.append(out / f"{prefix}reuse.png")
-        _save_figure(fig, written[-1])
-        plt.close(fig)
+        written.append(
+            _finish_figure(
+                fig,
+                ax,
+                "mean accuracy (%)",
+                "Reuse: uniform merge vs Arrow routing vs MBC clusters",
+                out / f"{prefix}reuse.png",
+            )
+        )
     if results["merge_curve"]:
         fig, ax = plt.subplots(figsize=(6, 4))
         for label, curve in results["merge_curve"].items():
             xs = sorted(int(k) for k in curve)
             ax.plot(xs, [100 * {int(k): v for k, v in curve.items()}[x] for x in xs], marker="o", label=label)
         ax.set_xlabel("number of merged experts")
-        ax.set_ylabel("merged held-in accuracy (%)")
-        ax.set_title("Merge-size curve")
-        ax.legend(fontsize=7)
-        written.append(out / f"{prefix}merge_curve.png")
-        _save_figure(fig, written[-1])
-        plt.close(fig)
+        written.append(
+            _finish_figure(fig, ax, "merged held-in accuracy (%)", "Merge-size curve", out / f"{prefix}merge_curve.png")
+        )
     return written
 
 
