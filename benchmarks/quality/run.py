@@ -148,7 +148,7 @@ CAUSAL_PRESETS = {
             "shira",
             "full",
         ],
-        # two rates per kind, extended past a winning edge up to twice per side: each method tries 2-6 rates
+        # two rates per kind, extended past a winning edge up to twice per side: each method tries 2-4 rates
         lr_grid={"full": [1e-5, 3e-5], "lora": [1e-3, 3e-3], "shira": [3e-4, 1e-3], "sparse": [3e-4, 1e-3]},
         lr_extensions=2,
         merge_sizes=[2, 4],
